@@ -1,0 +1,52 @@
+"""The `hallu` command line: a Typer app whose commands are thin modules in this package.
+
+Every command imports torch/transformers inside its function body, so `hallu --help` never pays for
+them. Only capabilities that exist are registered.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from hallu import __version__
+from hallu.commands import prepare as _prepare
+from hallu.commands import rollout as _rollout
+from hallu.commands import status as _status
+from hallu.commands._common import boundary, state
+
+app = typer.Typer(
+    name="hallu",
+    help="The VLM hallucination-reduction loop: prepare -> rollout -> revise -> sft -> dpo -> merge-lora -> eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hallu {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    if debug:
+        state.debug = True
+
+
+app.add_typer(_prepare.app, name="prepare")
+app.command("rollout")(boundary(_rollout.rollout))
+app.command("status")(boundary(_status.status))
+
+
+def main() -> None:
+    app()

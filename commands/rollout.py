@@ -1,0 +1,1 @@
+"""`hallu rollout` (placeholder until the engine lands)."""

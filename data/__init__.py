@@ -1,0 +1,1 @@
+"""Data-set builders (shapes, ...) and shipped assets with their provenance. Installed as ``hallu.data``."""

@@ -1,0 +1,1 @@
+"""Benchmarks, one module each: pope, chair, shr. Installed as ``hallu.evals``."""

@@ -1,0 +1,181 @@
+"""Small file primitives every stage uses: atomic writes, digests, JSON/JSONL reading with locations.
+
+Atomic means: write a temp file in the same directory, fsync it, ``os.replace`` it over the target,
+then fsync the directory. A crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hallu.errors import HalluError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the replace is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def digest_json(obj: Any) -> str:
+    """Digest of a JSON-able value in canonical form (sorted keys, no whitespace)."""
+    canon = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return sha256_bytes(canon.encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HalluError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise HalluError(f"{path}: is a directory, expected a JSON file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HalluError(f"{path}: cannot read ({e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HalluError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, value)`` for every non-blank line; a bad line raises with ``file:line``."""
+    path = Path(path)
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise HalluError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise HalluError(f"{path}: is a directory, expected a JSONL file") from None
+    except OSError as e:
+        raise HalluError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):  # noqa: B007 - lineno is used after a decode error
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise HalluError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError:
+            raise HalluError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+
+
+def read_json_or_jsonl(path: str | os.PathLike) -> tuple[str, Any]:
+    """Read a file that is either one JSON document or JSON Lines; return ``(kind, value)``.
+
+    ``kind`` is ``"json"`` (value: the document) or ``"jsonl"`` (value: list of ``(line, record)``).
+    A file holding exactly one JSON value parses as a document, so a one-line JSONL file comes back as
+    ``("json", record)``: callers that take records should accept a lone dict as one record.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HalluError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise HalluError(f"{path}: is a directory, expected a JSON or JSONL file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HalluError(f"{path}: cannot read ({e})") from None
+    try:
+        return "json", json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    if text.lstrip().startswith("["):
+        read_json(path)  # raises with the JSON error's line
+    return "jsonl", list(iter_jsonl(path))
+
+
+class StagedDir:
+    """Build a folder's new contents in a hidden sibling, then move them in only on success.
+
+    Used by builders that write many files (a data set, a model): a crash or a bad input leaves the
+    destination as it was, never half-written.
+    """
+
+    def __init__(self, final: str | os.PathLike):
+        self.final = Path(final)
+        self.tmp = self.final.parent / f".{self.final.name}.staging-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        import shutil
+
+        if self.final.exists() and not self.final.is_dir():
+            raise HalluError(f"{self.final}: is a file, expected a folder")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        import shutil
+
+        try:
+            if exc is None:
+                self.final.mkdir(parents=True, exist_ok=True)
+                for entry in sorted(self.tmp.iterdir()):
+                    dest = self.final / entry.name
+                    if dest.is_dir() and not dest.is_symlink():
+                        shutil.rmtree(dest)
+                    elif dest.exists():
+                        dest.unlink()
+                    os.replace(entry, dest)
+                _fsync_dir(self.final)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False

@@ -1,0 +1,1 @@
+"""Judges for the revise stage and for GPT-judged benchmarks (openai, ...)."""
