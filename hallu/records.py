@@ -272,9 +272,7 @@ def pair_to_trl(pair: PreferencePair, base: str | os.PathLike = ".") -> dict:
 def export_pairs_trl(pairs_path: str | os.PathLike, out_path: str | os.PathLike) -> int:
     pairs_path = Path(pairs_path)
     pairs = read_records(pairs_path, PreferencePair)
-    from hallu.fileio import atomic_write_jsonl as _write
-
-    _write(out_path, [pair_to_trl(p, pairs_path.parent) for p in pairs])
+    atomic_write_jsonl(out_path, [pair_to_trl(p, pairs_path.parent) for p in pairs])
     return len(pairs)
 
 

@@ -1,0 +1,440 @@
+"""Batched generation and choice scoring with shared-prefix reuse — the engine of rollout and eval.
+
+Most of a VLM prompt is the image: 576 of ~600 tokens for LLaVA-1.5. POPE asks ~6-18 questions of each
+image and a rollout samples one prompt ``n`` times, so the engine groups requests by image, encodes
+each image and prefills the tokens the group has in common **once**, then continues every question
+from a copy of that cache:
+
+    row layout   [left pads | shared prefix of its group | middle pads | own suffix]
+    prefill      prefixes only, all groups of the batch in one forward (left padded, pixel values)
+    branch       the cache rows are repeated for each request of the group
+    continue     stock ``generate()`` (or one forward for choice scoring) from that cache
+
+The pads sit *between* prefix and suffix so the positions (attention-mask cumsum) of every real token
+equal those of the one-at-a-time prompt and the cache needs no shifting; ``generate`` feeds only the
+uncached columns, so no pixel values are passed a second time. Text is expanded with the processor's
+own image replacement strings and checked once per engine against the processor's output; models
+whose positions are not 1-D (Qwen2-VL's M-RoPE) or whose image features depend on the question
+(InstructBLIP's Q-Former) use the plain batched path instead. ``notes/prefix-sharing.md`` in the
+design notes records why this layout and no other.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hallu.errors import HalluError
+from hallu.records import load_image, user_messages
+
+# Model types whose text positions are plain 1-D and whose image features depend on the image alone.
+PREFIX_SHARING_TYPES = frozenset({"llava", "llava_next"})
+
+
+@dataclass
+class GenRequest:
+    """One prompt: images (paths or PIL images) and the user's text (``<image>`` tags optional)."""
+
+    id: str
+    images: Sequence[Any]
+    text: str
+    image_key: tuple | None = None  # requests with equal keys share an image prefix; default: the paths
+
+    def key(self) -> tuple:
+        if self.image_key is not None:
+            return self.image_key
+        return tuple(str(i) if isinstance(i, (str, os.PathLike)) else id(i) for i in self.images)
+
+
+@dataclass
+class Generation:
+    id: str
+    sample: int
+    text: str
+    tokens: int
+    finished: bool  # ended with EOS (False: cut at max_new_tokens)
+
+
+@dataclass
+class Choice:
+    id: str
+    scores: dict[str, float]  # first-token logit of each choice
+    pred: str  # the choice with the highest logit
+
+
+@dataclass
+class Decoding:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    n: int = 1
+    seed: int = 0
+
+    def generate_kwargs(self) -> dict:
+        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
+        if self.do_sample:
+            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kw
+
+
+@dataclass
+class _Row:
+    request: GenRequest
+    sample: int
+    ids: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """Generation and choice scoring over one loaded model.
+
+    Args:
+        model: a transformers image-text-to-text model (eval mode).
+        processor: its processor (chat template, tokenizer with left padding).
+        batch_size: sequences per forward pass.
+        share_prefix: force the shared-prefix path on (True) or off (False); None decides by model type.
+        fingerprint: the model folder's digest, recorded by callers with every output.
+    """
+
+    def __init__(self, model, processor, *, batch_size: int = 32, share_prefix: bool | None = None,
+                 fingerprint: str = "", image_base: str | os.PathLike = "."):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.batch_size = batch_size
+        self.fingerprint = fingerprint
+        self.image_base = Path(image_base)
+        model_type = getattr(model.config, "model_type", "")
+        self.share_prefix = (model_type in PREFIX_SHARING_TYPES) if share_prefix is None else share_prefix
+        self._verified = False
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self._image_cache: dict[str, Any] = {}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto", attn: str = "sdpa",
+             trust_remote_code: bool = False, **kwargs) -> Engine:
+        from hallu.models import load_model
+
+        lm = load_model(path, device=device, dtype=dtype, attn=attn, trust_remote_code=trust_remote_code)
+        return cls(lm.model, lm.processor, fingerprint=lm.fingerprint, **kwargs)
+
+    # -- prompt rendering ------------------------------------------------------------------------------
+
+    def render(self, request: GenRequest) -> str:
+        messages = user_messages(request.text, len(request.images))
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _images(self, request: GenRequest) -> list:
+        out = []
+        for img in request.images:
+            if isinstance(img, (str, os.PathLike)):
+                p = Path(img)
+                p = p if p.is_absolute() else self.image_base / p
+                out.append(load_image(p, where=f"request {request.id}"))
+            else:
+                out.append(img)
+        return out
+
+    # -- public API ------------------------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[GenRequest], decoding: Decoding | None = None,
+                 progress: Callable[[int], None] | None = None) -> Iterator[list[Generation]]:
+        """Yield the generations batch by batch (``n`` samples per request, in request order per batch).
+
+        The seed is set once per call, so one call over the same requests is reproducible.
+        """
+        import torch
+
+        decoding = decoding or Decoding()
+        torch.manual_seed(decoding.seed)
+        rows = [_Row(r, s) for r in requests for s in range(decoding.n)]
+        use_prefix = self.share_prefix and decoding.num_beams == 1
+        for batch in self._batches(rows, by_image=use_prefix):
+            with torch.inference_mode():
+                if use_prefix:
+                    out = self._generate_shared(batch, decoding)
+                else:
+                    out = self._generate_plain(batch, decoding)
+            if progress:
+                progress(len(batch))  # rows: requests x samples
+            yield out
+
+    def choose(self, requests: Sequence[GenRequest], choices: Sequence[str] = ("Yes", "No"),
+               progress: Callable[[int], None] | None = None) -> Iterator[list[Choice]]:
+        """Score each choice's first answer token in one forward pass per batch."""
+        import torch
+
+        choice_ids = self.choice_token_ids(choices)
+        rows = [_Row(r, 0) for r in requests]
+        for batch in self._batches(rows, by_image=self.share_prefix):
+            with torch.inference_mode():
+                if self.share_prefix:
+                    logits = self._last_logits_shared(batch)
+                else:
+                    logits = self._last_logits_plain(batch)
+            out = []
+            for row, lg in zip(batch, logits, strict=True):
+                scores = {c: float(lg[i]) for c, i in zip(choices, choice_ids, strict=True)}
+                out.append(Choice(row.request.id, scores, max(choices, key=lambda c: scores[c])))
+            if progress:
+                progress(len(batch))
+            yield out
+
+    def choice_token_ids(self, choices: Sequence[str]) -> list[int]:
+        """The first token the model would emit for each answer, read off the chat template itself.
+
+        Rendering ``[user, assistant: choice]`` and the bare generation prompt and taking the first token
+        where they differ gives the right token whatever the template puts after the assistant tag
+        (a space, a newline, nothing).
+        """
+        msgs = user_messages("Q", 0)
+        base = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        base_ids = self.tokenizer(base, add_special_tokens=False)["input_ids"]
+        ids = []
+        for c in choices:
+            full = self.processor.apply_chat_template(
+                msgs + [{"role": "assistant", "content": [{"type": "text", "text": c}]}], tokenize=False
+            )
+            full_ids = self.tokenizer(full, add_special_tokens=False)["input_ids"]
+            k = 0
+            while k < min(len(base_ids), len(full_ids)) and base_ids[k] == full_ids[k]:
+                k += 1
+            if k >= len(full_ids):
+                raise HalluError(f"choice {c!r}: the chat template renders no answer token for it")
+            ids.append(full_ids[k])
+        if len(set(ids)) != len(ids):
+            raise HalluError(f"choices {list(choices)} start with the same token; choice scoring cannot tell them apart")
+        return ids
+
+    # -- batching ----------------------------------------------------------------------------------------
+
+    def _batches(self, rows: list[_Row], by_image: bool) -> Iterator[list[_Row]]:
+        """Fixed-size batches; with prefix sharing, rows of one image are kept together when they fit."""
+        if not by_image:
+            for i in range(0, len(rows), self.batch_size):
+                yield rows[i : i + self.batch_size]
+            return
+        groups: dict[tuple, list[_Row]] = {}
+        for row in rows:
+            groups.setdefault(row.request.key(), []).append(row)
+        batch: list[_Row] = []
+        for group in groups.values():
+            for i in range(0, len(group), self.batch_size):
+                chunk = group[i : i + self.batch_size]
+                if batch and len(batch) + len(chunk) > self.batch_size:
+                    yield batch
+                    batch = []
+                batch.extend(chunk)
+        if batch:
+            yield batch
+
+    # -- the plain path: the processor on every row, one generate per batch ------------------------------
+
+    def _encode_plain(self, batch: list[_Row]):
+        texts = [self.render(r.request) for r in batch]
+        images = [img for r in batch for img in self._images(r.request)]
+        enc = self.processor(images=images or None, text=texts, padding=True, return_tensors="pt")
+        return enc.to(self.model.device)
+
+    def _generate_plain(self, batch: list[_Row], decoding: Decoding) -> list[Generation]:
+        enc = self._encode_plain(batch)
+        kw = decoding.generate_kwargs()
+        out = self.model.generate(**enc, **kw, pad_token_id=self.pad_id)
+        new = out[:, enc["input_ids"].shape[1] :]
+        return self._decode(batch, new)
+
+    def _last_logits_plain(self, batch: list[_Row]):
+        enc = self._encode_plain(batch)
+        return self.model(**enc, logits_to_keep=1).logits[:, -1, :].float()
+
+    # -- the shared-prefix path -----------------------------------------------------------------------------
+
+    def _encode_shared(self, batch: list[_Row]):
+        """Token ids of every row, plus the image inputs of one row per group (the group's first)."""
+        groups: dict[tuple, list[_Row]] = {}
+        for row in batch:
+            groups.setdefault(row.request.key(), []).append(row)
+        firsts = [g[0] for g in groups.values()]
+        first_texts = [self.render(r.request) for r in firsts]
+        images = [img for r in firsts for img in self._images(r.request)]
+        enc = self.processor(images=images or None, text=first_texts, padding=True, return_tensors="pt",
+                             return_text_replacement_offsets=True)
+        offsets = enc.pop("text_replacement_offsets", None)
+        if offsets is None and images:
+            raise _FallBack("processor gives no image replacement strings")
+        image_inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids",
+                                                                  "mm_token_type_ids")}
+        image_token = getattr(self.processor, "image_token", None)
+        for group, first, offs in zip(groups.values(), firsts, offsets or [[]] * len(firsts), strict=True):
+            replacements = [o["replacement"] for o in offs if o["type"] == "image"]
+            texts = [self.render(r.request) for r in group]
+            expanded = [_expand(t, image_token, replacements) for t in texts]
+            # Processors tokenize with the tokenizer's defaults; the check below proves we did the same.
+            ids = self.tokenizer(expanded)["input_ids"]
+            for r, i in zip(group, ids, strict=True):
+                r.ids = list(i)
+        if not self._verified:
+            # Our expansion must equal the processor's own encoding, token for token; checked once.
+            am = enc["attention_mask"]
+            for k, r in enumerate(firsts):
+                real = enc["input_ids"][k][am[k].bool()].tolist()
+                if real != r.ids:
+                    raise _FallBack("the processor's token ids differ from the expanded text's")
+            self._verified = True
+        return list(groups.values()), image_inputs
+
+    def _prefill(self, batch: list[_Row]):
+        """Prefill each group's shared prefix; return the cache expanded to rows and the row layouts."""
+        import torch
+
+        groups, image_inputs = self._encode_shared(batch)
+        image_id = getattr(self.model.config, "image_token_id", None)
+        if image_id is None:
+            image_id = getattr(self.model.config, "image_token_index", None)
+        prefix_lens = []
+        for group in groups:
+            seqs = [r.ids for r in group]
+            p = _common_prefix_len(seqs)
+            p = min(p, min(len(s) for s in seqs) - 1)  # every row keeps >= 1 token to feed generate
+            last_image = max((i for i, t in enumerate(seqs[0]) if t == image_id), default=-1)
+            if last_image >= p:
+                raise _FallBack("a group's common prefix ends inside its image tokens")
+            prefix_lens.append(p)
+        dev = self.model.device
+        pmax = max(prefix_lens)
+        g_ids = torch.full((len(groups), pmax), self.pad_id, dtype=torch.long)
+        g_mask = torch.zeros((len(groups), pmax), dtype=torch.long)
+        for g, (group, p) in enumerate(zip(groups, prefix_lens, strict=True)):
+            g_ids[g, pmax - p :] = torch.tensor(group[0].ids[:p])
+            g_mask[g, pmax - p :] = 1
+        g_pos = (g_mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in image_inputs.items()}
+        out = self.model(input_ids=g_ids.to(dev), attention_mask=g_mask.to(dev), position_ids=g_pos.to(dev),
+                         use_cache=True, **inputs)
+        cache = out.past_key_values
+        # Rows in batch order, each pointing at its group's cache row.
+        rows, owner = [], []
+        for g, group in enumerate(groups):
+            rows.extend(group)
+            owner.extend([g] * len(group))
+        smax = max(len(r.ids) - prefix_lens[g] for r, g in zip(rows, owner, strict=True))
+        ids = torch.full((len(rows), pmax + smax), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, (r, g) in enumerate(zip(rows, owner, strict=True)):
+            p = prefix_lens[g]
+            suffix = r.ids[p:]
+            ids[k, pmax - p : pmax] = g_ids[g, pmax - p :]
+            mask[k, pmax - p : pmax] = 1
+            ids[k, pmax + smax - len(suffix) :] = torch.tensor(suffix)
+            mask[k, pmax + smax - len(suffix) :] = 1
+        return rows, cache, torch.tensor(owner, device=dev), ids.to(dev), mask.to(dev), pmax
+
+    def _generate_shared(self, batch: list[_Row], decoding: Decoding) -> list[Generation]:
+        try:
+            rows, cache, owner, ids, mask, _ = self._prefill(batch)
+        except _FallBack:
+            self.share_prefix = False
+            return self._generate_plain(batch, decoding)
+        cache = _branch_cache(self.model.config, cache, owner, ids.shape[1] + decoding.max_new_tokens)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                  **decoding.generate_kwargs(), pad_token_id=self.pad_id)
+        gens = self._decode(rows, out[:, ids.shape[1] :])
+        order = {id(r): k for k, r in enumerate(rows)}
+        return [gens[order[id(r)]] for r in batch]
+
+    def _last_logits_shared(self, batch: list[_Row]):
+        import torch
+
+        try:
+            rows, cache, owner, ids, mask, pmax = self._prefill(batch)
+        except _FallBack:
+            self.share_prefix = False
+            return self._last_logits_plain(batch)
+        cache.batch_select_indices(owner)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids[:, pmax:], attention_mask=mask, position_ids=pos[:, pmax:],
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :].float()
+        order = {id(r): k for k, r in enumerate(rows)}
+        return torch.stack([logits[order[id(r)]] for r in batch])
+
+    # -- decoding ------------------------------------------------------------------------------------------
+
+    def _decode(self, rows: list[_Row], new_tokens) -> list[Generation]:
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        out = []
+        for row, toks in zip(rows, new_tokens.tolist(), strict=True):
+            n = len(toks)
+            finished = False
+            for k, t in enumerate(toks):
+                if t in eos_ids:
+                    n, finished = k, True
+                    break
+            kept = [t for t in toks[:n] if t != self.pad_id]
+            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+            out.append(Generation(row.request.id, row.sample, text, len(kept), finished))
+        return out
+
+
+class _FallBack(Exception):
+    """The shared-prefix path does not apply to this model/processor; use the plain path."""
+
+
+def _expand(text: str, image_token: str | None, replacements: list[str]) -> str:
+    if not replacements:
+        return text
+    pieces = re.split(re.escape(image_token), text)
+    if len(pieces) - 1 != len(replacements):
+        raise _FallBack("image tag count differs between prompts of one image group")
+    out = [pieces[0]]
+    for rep, piece in zip(replacements, pieces[1:], strict=True):
+        out += [rep, piece]
+    return "".join(out)
+
+
+def _common_prefix_len(seqs: list[list[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def _branch_cache(config, cache, owner, max_len: int):
+    """Copy each group's prefix cache row to every row of the group, in a preallocated static cache.
+
+    A dynamic cache would re-concatenate the whole (rows x prefix) tensor at every decoding step;
+    writing into preallocated tensors in place removes that copy, which is most of a decode step on CPU.
+    Falls back to the dynamic cache when the model has layers a plain static layer does not describe.
+    """
+    import torch
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    static = StaticCache(config=config, max_cache_len=max_len)
+    if len(static.layers) != len(cache.layers) or any(type(layer) is not StaticLayer for layer in static.layers):
+        cache.batch_select_indices(owner)
+        return cache
+    for dyn, st in zip(cache.layers, static.layers, strict=True):
+        keys, values = dyn.keys.index_select(0, owner), dyn.values.index_select(0, owner)
+        n = keys.shape[2]
+        # Allocate through the layer so its bookkeeping (dtype, device, heads) is its own; the unused
+        # tail stays zero, which matters: masked slots are multiplied by 0, and 0 * NaN would leak.
+        st.lazy_initialization(keys, values)
+        st.keys[:, :, :n] = keys
+        st.values[:, :, :n] = values
+        st.cumulative_length.fill_(n)
+    return static

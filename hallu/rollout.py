@@ -1,0 +1,100 @@
+"""The rollout stage: the policy's answers to every prompt, ``n`` samples each, resumable.
+
+Output: ``RUN/rollout/responses.jsonl``, one :class:`~hallu.records.Response` per (prompt, sample), in
+prompt order. Each batch of prompts is generated with its own seed, so a killed rollout resumes to
+exactly the file an uninterrupted one writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hallu.errors import HalluError
+from hallu.manifest import Run
+from hallu.records import Prompt, Response, read_records, resolve_image
+
+
+@dataclass
+class RolloutOptions:
+    n: int = 1
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+    batch_size: int = 8
+    seed: int = 0
+    limit: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+def default_prompts(run: Run) -> Path:
+    """The prompts a `prepare` stage wrote into this run, if any."""
+    rec = run.stage_record("prepare")
+    if rec and rec.get("status") == "done" and "prompts" in rec.get("outputs", {}):
+        return run.resolve(rec["outputs"]["prompts"]["path"])
+    raise HalluError(
+        f"--run {run.dir}: no prompts given and no finished 'prepare' stage in this run; pass --prompts FILE"
+    )
+
+
+def check_images(prompts: list[Prompt], prompts_path: Path) -> None:
+    """Every image must exist before a model is loaded: fail in a second, not after an hour."""
+    base = prompts_path.parent
+    for p in prompts:
+        for img in p.images:
+            path = resolve_image(img, base)
+            if not path.is_file():
+                raise HalluError(f"{prompts_path}: prompt {p.id!r}: image {path} not found")
+
+
+def rollout(run: Run, model: Path, prompts_path: Path | None, opts: RolloutOptions) -> dict:
+    from hallu.models import read_model_config
+
+    prompts_path = Path(prompts_path) if prompts_path else default_prompts(run)
+    prompts = read_records(prompts_path, Prompt)
+    if not prompts:
+        raise HalluError(f"{prompts_path}: no prompts in the file")
+    if opts.limit is not None:
+        prompts = prompts[: opts.limit]
+    check_images(prompts, prompts_path)
+    read_model_config(model, opts.trust_remote_code)
+    if opts.greedy and opts.n > 1:
+        raise HalluError("--greedy with --n > 1 would repeat one answer n times; sample instead")
+
+    options = {k: v for k, v in asdict(opts).items() if k not in ("device",)}
+    after = ("prepare",) if run.stage_record("prepare") else ()
+    with run.stage("rollout", options=options, inputs={"prompts": prompts_path, "model": model},
+                   after=after) as st:
+        from hallu.engine import Decoding, Engine, GenRequest
+        from hallu.stages import batch_seed, run_batched
+
+        st.extra["model"] = {"path": str(model), "fingerprint": None}
+        engine = Engine.load(model, device=opts.device, dtype=opts.dtype, attn=opts.attn,
+                             trust_remote_code=opts.trust_remote_code,
+                             batch_size=opts.batch_size * opts.n, image_base=prompts_path.parent)
+
+        def work(batch: list[Prompt], index: int) -> list[dict]:
+            decoding = Decoding(max_new_tokens=opts.max_new_tokens, do_sample=not opts.greedy,
+                                temperature=opts.temperature, top_p=opts.top_p, n=opts.n,
+                                seed=batch_seed(opts.seed, index))
+            requests = [GenRequest(p.id, p.images, p.question) for p in batch]
+            gens = [g for chunk in engine.generate(requests, decoding) for g in chunk]
+            return [
+                Response(id=Response.make_id(g.id, g.sample), prompt_id=g.id, sample=g.sample, text=g.text,
+                         model=engine.fingerprint, meta={"tokens": g.tokens, "finished": g.finished}).to_dict()
+                for g in gens
+            ]
+
+        st.extra["model"]["fingerprint"] = engine.fingerprint
+        out = st.dir / "responses.jsonl"
+        count = run_batched(
+            st, out, prompts, batch_size=opts.batch_size,
+            record_ids=lambda p: [Response.make_id(p.id, s) for s in range(opts.n)],
+            work=work, label="rollout",
+        )
+        st.output("responses", out, count=count)
+    return {"responses": count, "path": str(out)}
