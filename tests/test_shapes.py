@@ -1,0 +1,365 @@
+"""The offline shapes world (hallu.data.shapes): formats, determinism, glyphs vs annotations, co-occurrence.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hallu.data import shapes
+
+from hallu.errors import HalluError
+from hallu.records import Prompt, read_records
+
+N = 60
+SEED = 3
+
+
+def _build(root: Path, n: int = N, seed: int = SEED) -> tuple[Path, dict]:
+    root.mkdir(parents=True, exist_ok=True)
+    summary = shapes.build_world(root, n_images=n, seed=seed)
+    return root, summary
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[Path, dict]:
+    return _build(tmp_path_factory.mktemp("shapes") / "w")
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _lines(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+|[^\w\s]", text))
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_summary_and_layout(world):
+    root, s = world
+    assert s["images"] == N and s["prompts"] == N
+    assert s["train_images"] + s["val_images"] == N and s["val_images"] == N // shapes.VAL_EVERY
+    assert s["categories"] == len(shapes.CATEGORIES) >= 20
+    assert s["world_version"] == shapes.WORLD_VERSION
+    for rel in ("annotations/instances_train2014.json", "annotations/instances_val2014.json",
+                "annotations/captions_train2014.json", "annotations/captions_val2014.json",
+                "vg/image_data.json", "vg/region_descriptions.json", "vg/facts.jsonl",
+                "vg/val_images_final.json", "pope/objects.jsonl", shapes.PROMPTS_FILE, shapes.QA_FILE,
+                shapes.WORLD_FILE, "README.md"):
+        assert (root / rel).is_file(), rel
+    pngs = sorted((root / "images").glob("*.png"))
+    assert [p.name for p in pngs] == [shapes.file_name(i) for i in range(1, N + 1)]
+    assert all(int(re.search(r"(\d+)\.png$", p.name).group(1)) == i for i, p in enumerate(pngs, 1))
+
+
+def test_deterministic_and_seed_dependent(world, tmp_path):
+    root, _ = world
+    again, _ = _build(tmp_path / "again")
+    a, b = _files(root), _files(again)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+    other, _ = _build(tmp_path / "other", seed=SEED + 1)
+    c = _files(other)
+    assert a[shapes.PROMPTS_FILE] != c[shapes.PROMPTS_FILE]
+    differing = [k for k in a if k.startswith("images/") and a[k] != c[k]]
+    assert len(differing) > 0.9 * N
+
+
+def test_larger_world_keeps_the_scenes_of_a_smaller_one(world, tmp_path):
+    root, _ = world
+    small, _ = _build(tmp_path / "small", n=10)
+    for i in range(1, 11):
+        assert (small / "images" / shapes.file_name(i)).read_bytes() == (
+            root / "images" / shapes.file_name(i)).read_bytes()
+
+
+def test_bad_input(tmp_path):
+    for n in (0, -1, True, 2.5):
+        with pytest.raises(HalluError):
+            shapes.build_world(tmp_path / "bad", n_images=n, seed=0)
+    with pytest.raises(HalluError):
+        shapes.build_world(tmp_path / "bad", n_images=3, seed="x")
+
+
+def test_tiny_worlds(tmp_path):
+    for n in (1, 2, 4):
+        root, s = _build(tmp_path / f"n{n}", n=n)
+        assert s["images"] == n and s["val_images"] == 1 and s["train_images"] == n - 1
+        assert len(_lines(root / "pope" / "objects.jsonl")) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Categories and glyphs
+
+
+def test_categories_and_glyphs():
+    cats = shapes.CATEGORIES
+    assert len(cats) >= 20
+    real = {cid: name for cid, name, _ in shapes.COCO_CATEGORIES}
+    assert len(real) == 80
+    for c in cats:
+        assert real[c.id] == c.name
+        assert " " not in c.name and c.name != "bus"
+    assert len({c.name for c in cats}) == len(cats)
+    assert len({(c.shape, c.colour) for c in cats}) == len(cats)
+    for group, names in shapes.GROUPS:
+        members = [c for c in cats if c.group == group]
+        assert [c.name for c in members] == list(names)
+        assert len({c.shape for c in members}) == len(members)
+        assert len({c.colour for c in members}) == len(members)
+    # words of the glyphs must not be object words themselves
+    assert not set(shapes.COLOURS) & set(real.values())
+    assert not set(shapes.SHAPES) & set(real.values())
+
+
+def test_glyph_pixels_match_annotations(world):
+    from PIL import Image
+
+    root, _ = world
+    rgb = {c.id: c.rgb for c in shapes.CATEGORIES}
+    shape = {c.id: c.shape for c in shapes.CATEGORIES}
+    for split in ("train", "val"):
+        ins = json.loads((root / "annotations" / f"instances_{split}2014.json").read_text())
+        by_image: dict[int, list[dict]] = {}
+        for a in ins["annotations"]:
+            by_image.setdefault(a["image_id"], []).append(a)
+        for img in ins["images"]:
+            im = Image.open(root / "images" / img["file_name"]).convert("RGB")
+            assert im.size == (img["width"], img["height"]) == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+            px = im.load()
+            anns = by_image[img["id"]]
+            assert 1 <= len(anns) <= 4
+            covered = set()
+            for a in anns:
+                x, y, w, h = (int(v) for v in a["bbox"])
+                box = [px[i, j] for i in range(x, x + w) for j in range(y, y + h)]
+                covered |= {(i, j) for i in range(x, x + w) for j in range(y, y + h)}
+                colours = Counter(p for p in box if len(set(p)) > 1)  # non-gray pixels
+                assert set(colours) == {rgb[a["category_id"]]}, (img, a)
+                assert colours[rgb[a["category_id"]]] == a["area"]
+                centre = px[x + w // 2, y + h // 2]
+                if shape[a["category_id"]] == "ring":
+                    assert len(set(centre)) == 1  # the hole shows the background
+                else:
+                    assert centre == rgb[a["category_id"]]
+            # everything outside the boxes is the (uniform gray) background
+            size = im.size[0]
+            outside = {px[i, j] for i in range(size) for j in range(size) if (i, j) not in covered}
+            assert len(outside) == 1 and len(set(next(iter(outside)))) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# COCO files
+
+
+def test_coco_files_load_with_pycocotools(world):
+    from pycocotools.coco import COCO
+
+    root, s = world
+    ids: dict[str, set[int]] = {}
+    n_anns = 0
+    for split in ("train", "val"):
+        inst = COCO(str(root / "annotations" / f"instances_{split}2014.json"))
+        caps = COCO(str(root / "annotations" / f"captions_{split}2014.json"))
+        assert len(inst.cats) == 80
+        assert inst.cats[48]["name"] == "fork" and inst.cats[90]["name"] == "toothbrush"
+        ids[split] = set(inst.getImgIds())
+        assert set(caps.getImgIds()) == ids[split]
+        n_anns += len(inst.getAnnIds())
+        for img_id in ids[split]:
+            img = inst.loadImgs(img_id)[0]
+            assert int(img["file_name"].rsplit("_", 1)[1].split(".")[0]) == img_id
+            anns = inst.loadAnns(inst.getAnnIds(imgIds=img_id))
+            assert anns and all(a["iscrowd"] == 0 and a["area"] > 0 and len(a["bbox"]) == 4 for a in anns)
+            assert len({a["category_id"] for a in anns}) == len(anns)
+            assert len(caps.getAnnIds(imgIds=img_id)) == shapes.CAPTIONS_PER_IMAGE
+    assert not ids["train"] & ids["val"]
+    assert ids["train"] | ids["val"] == set(range(1, N + 1))
+    assert {i for i in ids["val"]} == {i for i in range(1, N + 1) if i % shapes.VAL_EVERY == 0}
+    assert n_anns == s["objects"]
+
+
+def test_captions_mention_exactly_the_present_objects(world):
+    """Without CHAIR's machinery: every caption names each present object once (name or synonym), and no
+    other category name or synonym appears."""
+    root, _ = world
+    prompts = {p.meta["image_id"]: p for p in read_records(root / shapes.PROMPTS_FILE, Prompt)}
+    surface = {c.name: {c.name, *c.synonyms} for c in shapes.CATEGORIES}
+    for split in ("train", "val"):
+        caps = json.loads((root / "annotations" / f"captions_{split}2014.json").read_text())
+        for c in caps["annotations"]:
+            present = set(prompts[c["image_id"]].objects)
+            words = re.findall(r"[a-z]+", c["caption"].lower())
+            for name, forms in surface.items():
+                hits = sum(words.count(f) for f in forms)
+                assert hits == (1 if name in present else 0), (c, name)
+
+
+def test_captions_through_chair_words(world):
+    """With the project's CHAIR word machinery (official tokenizer, Pattern singularize, double words,
+    synonyms): every GT caption mines exactly the annotated objects, each once; the other texts mine
+    what they should; no sentence of the tokenizer corpus holds a word of a category outside the world."""
+    objects = pytest.importorskip("hallu.objects")
+    node_words = getattr(objects, "node_words", None)
+    if node_words is None:
+        pytest.skip("hallu.objects has no node_words()")
+    root, _ = world
+    prompts = {p.meta["image_id"]: p for p in read_records(root / shapes.PROMPTS_FILE, Prompt)}
+    for split in ("train", "val"):
+        caps = json.loads((root / "annotations" / f"captions_{split}2014.json").read_text())
+        for c in caps["annotations"]:
+            assert sorted(node_words(c["caption"])) == sorted(prompts[c["image_id"]].objects), c
+    for p in prompts.values():
+        assert sorted(node_words(p.reference)) == sorted(p.objects)
+        assert sorted(set(node_words(p.meta["detailed_reference"]))) == sorted(p.objects)
+        noisy = set(p.objects) | set(p.meta["noise_objects"])
+        assert sorted(node_words(p.meta["noisy_reference"])) == sorted(noisy)
+    for q in read_records(root / shapes.QA_FILE, Prompt):
+        assert node_words(q.question) == [q.meta["object"]]
+    names = {c.name for c in shapes.CATEGORIES}
+    for sentence in shapes.tokenizer_corpus():
+        assert set(node_words(sentence)) <= names, sentence
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts, QA, VG, POPE
+
+
+def test_prompt_records(world):
+    root, _ = world
+    prompts = read_records(root / shapes.PROMPTS_FILE, Prompt)
+    assert len(prompts) == N
+    inst = {}
+    for split in ("train", "val"):
+        d = json.loads((root / "annotations" / f"instances_{split}2014.json").read_text())
+        names = {c["id"]: c["name"] for c in d["categories"]}
+        for a in d["annotations"]:
+            inst.setdefault(a["image_id"], []).append(names[a["category_id"]])
+    n_noisy = 0
+    for p in prompts:
+        assert p.question == shapes.CAPTION_QUESTION
+        assert len(p.images) == 1 and (root / p.images[0]).is_file()
+        assert sorted(p.objects) == sorted(inst[p.meta["image_id"]])
+        assert p.reference == p.meta["captions"][0]
+        assert len(p.meta["captions"]) == shapes.CAPTIONS_PER_IMAGE
+        assert p.meta["split"] in ("train", "val")
+        glyph_regions = [r for r in p.regions if len(r["phrase"].split()) == 4]
+        assert len(glyph_regions) == len(p.objects)
+        noise = p.meta["noise_objects"]
+        assert not set(noise) & set(p.objects)
+        for obj in noise:
+            assert obj in p.meta["noisy_reference"]
+        n_noisy += bool(noise)
+    assert n_noisy < N / 2
+
+
+def test_qa_records_are_balanced(world):
+    root, _ = world
+    qa = read_records(root / shapes.QA_FILE, Prompt)
+    labels = Counter(q.reference for q in qa)
+    assert labels["Yes"] == labels["No"] > 0 and set(labels) == {"Yes", "No"}
+    for q in qa:
+        assert q.meta["label"] == q.reference.lower()
+        assert (q.meta["object"] in q.objects) == (q.reference == "Yes")
+        assert q.question == shapes.QA_TEMPLATE.format(np=("an " if q.meta["object"][0] in "aeiou" else "a ")
+                                                        + q.meta["object"])
+    kinds = Counter(q.meta["kind"] for q in qa)
+    assert kinds["adversarial"] > 0 and kinds["random"] > 0
+
+
+def test_vg_and_facts_formats(world):
+    root, _ = world
+    image_data = json.loads((root / "vg" / "image_data.json").read_text())
+    assert [d["image_id"] for d in image_data] == list(range(1, N + 1))
+    for d in image_data:
+        assert {"image_id", "width", "height", "url"} <= set(d)
+        assert (root / d["url"]).is_file()
+    regions = json.loads((root / "vg" / "region_descriptions.json").read_text())
+    assert len(regions) == N
+    for entry in regions:
+        assert set(entry) == {"regions", "id"} and entry["regions"]
+        assert entry["regions"][0]["image_id"] == entry["id"]
+        for r in entry["regions"]:
+            assert {"region_id", "image_id", "x", "y", "width", "height", "phrase"} <= set(r)
+            assert 0 <= r["x"] and r["x"] + r["width"] <= shapes.IMAGE_SIZE and r["phrase"]
+    region_ids = [r["region_id"] for e in regions for r in e["regions"]]
+    assert len(set(region_ids)) == len(region_ids)
+    facts = _lines(root / "vg" / "facts.jsonl")
+    assert len(facts) == N
+    for i, row in enumerate(facts, 1):
+        assert list(row) == [str(i)]
+        assert row[str(i)] and all(isinstance(f, str) and f.endswith(".") for f in row[str(i)])
+    val = json.loads((root / "vg" / "val_images_final.json").read_text())
+    assert [v["image_id"] for v in val] == [i for i in range(1, N + 1) if i % shapes.VAL_EVERY == 0]
+
+
+def test_pope_objects_file(world):
+    root, _ = world
+    prompts = {p.meta["file_name"]: p for p in read_records(root / shapes.PROMPTS_FILE, Prompt)}
+    rows = _lines(root / "pope" / "objects.jsonl")
+    assert rows and len(rows) == N // shapes.VAL_EVERY
+    for row in rows:
+        assert isinstance(row["image"], str) and isinstance(row["objects"], list)
+        p = prompts[row["image"]]
+        assert p.meta["split"] == "val"
+        assert row["objects"] == p.objects  # same stable (reading) order
+
+
+# --------------------------------------------------------------------------------------------------
+# Co-occurrence and the tokenizer corpus
+
+
+def test_same_group_pairs_dominate(tmp_path):
+    root, s = _build(tmp_path / "big", n=600, seed=1)
+    group = {c.name: c.group for c in shapes.CATEGORIES}
+    pairs = Counter()
+    for p in read_records(root / shapes.PROMPTS_FILE, Prompt):
+        for a in p.objects:
+            for b in p.objects:
+                if a < b:
+                    pairs[(a, b)] += 1
+    names = sorted(group)
+    same = [pairs[(a, b)] for a in names for b in names if a < b and group[a] == group[b]]
+    cross = [pairs[(a, b)] for a in names for b in names if a < b and group[a] != group[b]]
+    rate_same, rate_cross = sum(same) / len(same), sum(cross) / len(cross)
+    assert rate_same > 8 * rate_cross
+    assert 0.6 < s["same_group_pair_share"] < 0.9
+    world_json = json.loads((root / shapes.WORLD_FILE).read_text())
+    assert world_json["cooccurrence"]["fork"].get("knife", 0) == pairs[("fork", "knife")]
+
+
+def test_tokenizer_corpus_covers_every_word(world):
+    root, _ = world
+    corpus = shapes.tokenizer_corpus()
+    assert corpus == shapes.tokenizer_corpus() and len(corpus) == len(set(corpus))
+    vocab = set().union(*(_words(s) for s in corpus))
+    texts: list[str] = []
+    for p in read_records(root / shapes.PROMPTS_FILE, Prompt):
+        texts += [p.question, p.reference, *p.meta["captions"], p.meta["detailed_reference"],
+                  p.meta["noisy_reference"], *p.objects, *(r["phrase"] for r in p.regions)]
+    for q in read_records(root / shapes.QA_FILE, Prompt):
+        texts += [q.question, q.reference]
+    for row in _lines(root / "vg" / "facts.jsonl"):
+        texts += next(iter(row.values()))
+    for c in shapes.CATEGORIES:
+        texts += [c.name, *c.synonyms, c.colour, c.shape]
+    missing = set().union(*(_words(t) for t in texts)) - vocab
+    assert not missing
+
+
+def test_import_is_cheap():
+    import subprocess
+    import sys
+
+    code = "import sys, hallu.data.shapes; print(any(m in sys.modules for m in ('PIL', 'numpy')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
