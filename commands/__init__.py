@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-
-from hallu import __version__
+from hallu.commands import demo as _demo
 from hallu.commands import prepare as _prepare
 from hallu.commands import rollout as _rollout
 from hallu.commands import status as _status
 from hallu.commands._common import boundary, state
+
+from hallu import __version__
 
 app = typer.Typer(
     name="hallu",
@@ -39,13 +40,13 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    if debug:
-        state.debug = True
+    state.debug = debug or state.debug_from_env()
 
 
 app.add_typer(_prepare.app, name="prepare")
 app.command("rollout")(boundary(_rollout.rollout))
 app.command("status")(boundary(_status.status))
+app.command("demo")(boundary(_demo.demo))
 
 
 def main() -> None:

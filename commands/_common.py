@@ -19,7 +19,11 @@ out_console = Console(highlight=False)
 
 
 class _State:
-    debug = os.environ.get("HALLU_DEBUG", "") not in ("", "0")
+    @staticmethod
+    def debug_from_env() -> bool:
+        return os.environ.get("HALLU_DEBUG", "") not in ("", "0")
+
+    debug = debug_from_env()
 
 
 state = _State()
@@ -51,9 +55,14 @@ ModelOpt = Annotated[
     Path, typer.Option("--model", help="Local model folder (anything AutoModelForImageTextToText loads).")
 ]
 DeviceOpt = Annotated[str, typer.Option(help="Device: auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")]
-DtypeOpt = Annotated[str, typer.Option(help="Weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")]
+DtypeOpt = Annotated[
+    str, typer.Option(help="Weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+]
 AttnOpt = Annotated[
-    str, typer.Option("--attn", help="Attention kernel: sdpa, eager, or flash_attention_2 (needs CUDA and the [flash] extra).")
+    str,
+    typer.Option(
+        "--attn", help="Attention kernel: sdpa, eager, or flash_attention_2 (needs CUDA and the [flash] extra)."
+    ),
 ]
 TrustOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow the model folder's own Python code to run (off by default).")

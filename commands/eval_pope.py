@@ -17,8 +17,12 @@ import typer
 
 from hallu.commands._common import boundary, err_console, out_console
 
-_TABLE_RATES = (("accuracy", "acc"), ("precision", "prec"), ("recall", "rec"), ("f1", "f1"),
-                ("yes_ratio", "yes"))
+# Rows of the terminal table: (metric key, label, is a rate shown in %).
+_ROWS = (
+    ("accuracy", "accuracy", True), ("precision", "precision", True), ("recall", "recall", True),
+    ("f1", "f1", True), ("yes_ratio", "yes ratio", True), ("unknown_ratio", "unknown", True),
+    ("tp", "tp", False), ("fp", "fp", False), ("tn", "tn", False), ("fn", "fn", False), ("other", "other", False),
+)
 
 
 @boundary
@@ -77,8 +81,24 @@ def _score_only(questions: list[Path], answers: list[Path], parser: str, answer_
     return result
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
+def _fmt(value, rate: bool) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.2f}" if rate else str(value)
+
+
+def _short_names(splits: list[str]) -> tuple[str, list[str]]:
+    """Drop the prefix all split names share ("coco_pope_"), so the table fits a terminal."""
+    if len(splits) < 2:
+        return "", splits
+    prefix = splits[0]
+    for s in splits[1:]:
+        while not s.startswith(prefix):
+            prefix = prefix[:-1]
+    prefix = prefix[: prefix.rfind("_") + 1] if "_" in prefix else ""
+    if not prefix or any(len(s) == len(prefix) for s in splits):
+        return "", splits
+    return prefix, [s[len(prefix):] for s in splits]
 
 
 def _report(result: dict, json_out: Path | None) -> None:
@@ -87,45 +107,36 @@ def _report(result: dict, json_out: Path | None) -> None:
     from hallu.fileio import atomic_write_json
 
     splits = result["splits"]
-    first = next(iter(splits.values()))["metrics"]
-    has_unknown = "unknown" in first
-    has_other = "other" in first
-    table = Table(title=f"POPE ({result['parser']} parser), values in %", title_justify="left")
-    table.add_column("split")
-    table.add_column("n", justify="right")
-    for _, head in _TABLE_RATES:
+    names = list(splits)
+    prefix, heads = _short_names(names)
+    title = f"POPE {prefix.rstrip('_')} ({result['parser']} parser), rates in %"
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    columns = [splits[n]["metrics"] for n in names]
+    for head in heads:
         table.add_column(head, justify="right")
-    if has_unknown:
-        table.add_column("unknown", justify="right")  # as a share, like the rates
-    if has_other:
-        table.add_column("other", justify="right")
-    for head in ("tp", "fp", "tn", "fn"):
-        table.add_column(head, justify="right")
-
-    def add(name: str, m: dict, n: str, counts: bool) -> None:
-        row = [name, n] + [_fmt(m.get(k)) for k, _ in _TABLE_RATES]
-        if has_unknown:
-            row.append(_fmt(m.get("unknown_ratio")))
-        if has_other:
-            row.append(str(m["other"]) if counts else "")
-        row += [str(m[k]) if counts else "" for k in ("tp", "fp", "tn", "fn")]
-        table.add_row(*row)
-
-    for split, entry in splits.items():
-        add(split, entry["metrics"], str(entry["count"]), True)
-    if len(splits) > 1:
-        table.add_section()
-        add("mean", result["mean"], "", False)
-        add("pooled", result["pooled"], str(sum(e["count"] for e in splits.values())), True)
+    if len(names) > 1:
+        # The mean over splits is what most papers quote; pooled is VLMEvalKit's "Overall".
+        table.add_column("mean", justify="right")
+        table.add_column("pooled", justify="right")
+        columns += [result["mean"], result["pooled"]]
+    table.add_row("questions", *[str(splits[n]["count"]) for n in names],
+                  *(["", str(sum(e["count"] for e in splits.values()))] if len(names) > 1 else []))
+    for key, label, rate in _ROWS:
+        if key not in columns[0]:
+            continue
+        if key == "yes_ratio" and result["parser"] == "lmms-eval":
+            label = "yes ratio*"
+        table.add_row(label, *[_fmt(c[key], rate) if key in c else "" for c in columns])
     out_console.print(table)
     if result["parser"] == "lmms-eval":
-        err_console.print("[yellow]note[/]: lmms-eval's yes column is its yes_ratio, the share of "
-                          "ground-truth yes labels (not of predictions)")
+        err_console.print("[yellow]note[/]: * lmms-eval's yes_ratio is the share of ground-truth yes labels, "
+                          "not of predictions")
     for split, entry in splits.items():
         for note in entry.get("notes", []):
-            err_console.print(f"[yellow]note[/] ({split}): {note}")
+            err_console.print(f"[yellow]note[/] ({split}): {note}", soft_wrap=True)
     for note in result.get("notes", []):
-        err_console.print(f"[yellow]note[/]: {note}")
+        err_console.print(f"[yellow]note[/]: {note}", soft_wrap=True)
     if json_out is not None:
         atomic_write_json(json_out, result)
         err_console.print(f"results written to {json_out}")

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from hallu.commands._common import boundary, err_console
 
 app = typer.Typer(help="Build data sets (shapes, ...) and tiny offline models.", no_args_is_help=True)
@@ -15,13 +14,16 @@ app = typer.Typer(help="Build data sets (shapes, ...) and tiny offline models.",
 @app.command("shapes")
 @boundary
 def shapes(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the world into; it also becomes a run directory.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder to write the world into; it also becomes a run directory.")
+    ],
     images: Annotated[int, typer.Option("--images", min=1, help="Number of images.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same world, byte for byte.")] = 0,
 ) -> None:
     """The offline shapes world: glyph images standing for COCO categories, with COCO instances and
     captions, VG-style regions, POPE objects and prompt records ready for `hallu rollout`."""
     from hallu.data import shapes as world
+
     from hallu.fileio import StagedDir
     from hallu.manifest import Run
 
@@ -44,14 +46,20 @@ def shapes(
 @app.command("tiny-model")
 @boundary
 def tiny_model(
-    family: Annotated[str, typer.Option("--family", help="Architecture: llava, llava-next, qwen2-vl, qwen2.5-vl, instructblip, idefics3.")],
+    family: Annotated[
+        str,
+        typer.Option(
+            "--family", help="Architecture: llava, llava-next, qwen2-vl, qwen2.5-vl, instructblip, idefics3."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Folder for the model (config, weights, tokenizer, processor).")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """A tiny random vision-language model that loads offline with AutoModelForImageTextToText and
     AutoProcessor, with a tokenizer that knows the shapes world's words."""
-    from hallu import tiny
     from hallu.data.shapes import tokenizer_corpus
+
+    from hallu import tiny
     from hallu.errors import HalluError
     from hallu.fileio import StagedDir
 

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from hallu.commands._common import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, RunOpt, TrustOpt, err_console
 
 
@@ -20,7 +19,9 @@ def rollout(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature.")] = 1.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding instead of sampling (n must be 1).")] = False,
+    greedy: Annotated[
+        bool, typer.Option("--greedy", help="Greedy decoding instead of sampling (n must be 1).")
+    ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch (each with its n samples).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed; each batch derives its own, so resumed runs match.")] = 0,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts.")] = None,
@@ -31,7 +32,8 @@ def rollout(
 ) -> None:
     """Sample the policy's answers (RUN/rollout/responses.jsonl). Rerunning resumes where it stopped."""
     from hallu.manifest import Run
-    from hallu.rollout import RolloutOptions, rollout as run_rollout
+    from hallu.rollout import RolloutOptions
+    from hallu.rollout import rollout as run_rollout
 
     opts = RolloutOptions(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           greedy=greedy, batch_size=batch_size, seed=seed, limit=limit, device=device,

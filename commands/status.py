@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from hallu.commands._common import RunOpt, out_console
 
 _STYLE = {"done": "green", "running": "cyan", "failed": "red", "stale": "yellow", "pending": "dim"}
 
 
-def status(run: RunOpt, as_json: bool = False) -> None:
+def status(
+    run: RunOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stages as JSON instead of a table.")] = False,
+) -> None:
     """Show every stage of a run: state, progress, outputs, and why a stage is stale."""
     from rich.table import Table
 

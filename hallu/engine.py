@@ -212,7 +212,9 @@ class Engine:
                 raise HalluError(f"choice {c!r}: the chat template renders no answer token for it")
             ids.append(full_ids[k])
         if len(set(ids)) != len(ids):
-            raise HalluError(f"choices {list(choices)} start with the same token; choice scoring cannot tell them apart")
+            raise HalluError(
+                f"choices {list(choices)} start with the same token; choice scoring cannot tell them apart"
+            )
         return ids
 
     # -- batching ----------------------------------------------------------------------------------------
@@ -274,7 +276,7 @@ class Engine:
         image_inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids",
                                                                   "mm_token_type_ids")}
         image_token = getattr(self.processor, "image_token", None)
-        for group, first, offs in zip(groups.values(), firsts, offsets or [[]] * len(firsts), strict=True):
+        for group, offs in zip(groups.values(), offsets or [[]] * len(firsts), strict=True):
             replacements = [o["replacement"] for o in offs if o["type"] == "image"]
             texts = [self.render(r.request) for r in group]
             expanded = [_expand(t, image_token, replacements) for t in texts]
@@ -420,7 +422,6 @@ def _branch_cache(config, cache, owner, max_len: int):
     writing into preallocated tensors in place removes that copy, which is most of a decode step on CPU.
     Falls back to the dynamic cache when the model has layers a plain static layer does not describe.
     """
-    import torch
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
 

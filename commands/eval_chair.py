@@ -1,0 +1,91 @@
+"""`hallu eval chair`: CHAIR_s / CHAIR_i (+ OPERA's recall and len) of generated captions.
+
+Score mode: ``--captions FILE --coco-annotations DIR [--json OUT.json]``. The scoring lives in
+:func:`hallu.evals.chair.evaluate`, which takes ``[{"image_id", "caption"}]`` records, so a generation
+mode (``--model M --images DIR --out DIR``) only has to produce those records and call it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hallu.commands._common import boundary, err_console, out_console
+
+
+@boundary
+def chair(
+    captions: Annotated[
+        Path | None,
+        typer.Option(
+            "--captions",
+            help="Generated captions: JSON list or JSONL of {image_id, caption}, or the official {\"imgToEval\": {...}}.",
+        ),
+    ] = None,
+    coco_annotations: Annotated[
+        Path | None,
+        typer.Option(
+            "--coco-annotations",
+            help="Folder with instances_{train,val}2014.json and captions_{train,val}2014.json.",
+        ),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write metrics, counts, per-caption items and settings here.")
+    ] = None,
+    image_id_key: Annotated[str, typer.Option("--image-id-key", help="Record key holding the COCO image id.")] = "image_id",
+    caption_key: Annotated[str, typer.Option("--caption-key", help="Record key holding the caption.")] = "caption",
+    unknown_images: Annotated[
+        str,
+        typer.Option(
+            "--unknown-images",
+            help="An image id absent from the annotations: error (default), or empty (score it against no "
+            "objects, as the official script does).",
+        ),
+    ] = "error",
+) -> None:
+    """CHAIR (Rohrbach et al. 2018) exactly as the official script computes it."""
+    from hallu.errors import HalluError
+    from hallu.evals import chair as bench
+
+    if captions is None:
+        raise HalluError("--captions FILE is required (the captions to score)")
+    if coco_annotations is None:
+        raise HalluError("--coco-annotations DIR is required (COCO 2014 instances and captions files)")
+    if unknown_images not in bench.UNKNOWN_IMAGE_POLICIES:
+        raise HalluError(f"--unknown-images {unknown_images}: choose one of {', '.join(bench.UNKNOWN_IMAGE_POLICIES)}")
+    result = bench.evaluate_file(
+        captions,
+        coco_annotations,
+        image_id_key=image_id_key,
+        caption_key=caption_key,
+        unknown_images=unknown_images,
+    )
+    if json_out is not None:
+        from hallu.fileio import atomic_write_json
+
+        atomic_write_json(json_out, result)
+    out_console.print(metrics_table(result))
+    if json_out is not None:
+        err_console.print(f"[green]chair[/]: results in {json_out}")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def metrics_table(result: dict):
+    """A rich table of a CHAIR result: metrics x100 (len x100 reads as mean words per caption)."""
+    from rich.table import Table
+
+    m, c = result["metrics"], result["counts"]
+    table = Table(title="CHAIR", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("from", style="dim")
+    table.add_row("CHAIR_s", _pct(m["chair_s"]), f"{c['captions_with_hallucination']}/{c['captions']} captions")
+    table.add_row("CHAIR_i", _pct(m["chair_i"]), f"{c['hallucinated_mentions']}/{c['mentions']} mentions")
+    table.add_row("Recall", _pct(m["recall"]), f"{c['recalled_objects']}/{c['gt_objects']} gt objects")
+    table.add_row("Len", _pct(m["len"]), f"{c['words']} words / {c['captions']} captions")
+    return table
