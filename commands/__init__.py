@@ -9,16 +9,29 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+from hallu import __version__
 from hallu.commands import demo as _demo
+from hallu.commands import eval as _eval
 from hallu.commands import prepare as _prepare
 from hallu.commands import rollout as _rollout
 from hallu.commands import status as _status
 from hallu.commands._common import boundary, state
 
-from hallu import __version__
+class _PipelineOrder(TyperGroup):
+    """List commands in pipeline order in `hallu --help`, not registration order."""
+
+    ORDER = ("prepare", "rollout", "revise", "sft", "dpo", "merge-lora", "eval", "status", "demo")
+
+    def list_commands(self, ctx):
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: self.ORDER.index(n) if n in self.ORDER else len(self.ORDER))
+
 
 app = typer.Typer(
     name="hallu",
+    cls=_PipelineOrder,
     help="The VLM hallucination-reduction loop: prepare -> rollout -> revise -> sft -> dpo -> merge-lora -> eval.",
     no_args_is_help=True,
     add_completion=False,
@@ -44,6 +57,7 @@ def _root(
 
 
 app.add_typer(_prepare.app, name="prepare")
+app.add_typer(_eval.app, name="eval")
 app.command("rollout")(boundary(_rollout.rollout))
 app.command("status")(boundary(_status.status))
 app.command("demo")(boundary(_demo.demo))

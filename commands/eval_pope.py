@@ -4,8 +4,12 @@ Question ids restart at 1 in every POPE file, so answers are tied to a question 
 one ``--answers`` per ``--questions`` in the same order, or by one answers file whose records carry
 ``"split": <question file stem>``. Splits are named after the question file stems.
 
-Generation (``--model M --images DIR --out DIR --mode generate|choice``) will plug in beside
-``_score_only``: it produces the same ``answers_by_split`` mapping and calls the same ``_report``.
+With ``--model M --images DIR --out DIR`` the model answers first (the official protocol: greedy, the
+question inside the model's chat template, an optional answer suffix), through the shared engine, into
+``OUT/generations.jsonl`` (resumable; identical questions across splits are asked once), and the
+results go to ``OUT/results.json``. ``--mode choice`` compares the first-token logits of "Yes" and "No"
+in one forward instead of generating. ``--rescore --out DIR`` re-parses the stored answers (with any
+``--parser``) without loading the model.
 """
 
 from __future__ import annotations
@@ -15,36 +19,73 @@ from typing import Annotated
 
 import typer
 
-from hallu.commands._common import boundary, err_console, out_console
+from hallu.commands._common import (
+    AttnOpt,
+    BatchOpt,
+    DeviceOpt,
+    DtypeOpt,
+    TrustOpt,
+    boundary,
+    err_console,
+    out_console,
+)
 
+STAGE = "eval-pope"
 # Rows of the terminal table: (metric key, label, is a rate shown in %).
 _ROWS = (
     ("accuracy", "accuracy", True), ("precision", "precision", True), ("recall", "recall", True),
     ("f1", "f1", True), ("yes_ratio", "yes ratio", True), ("unknown_ratio", "unknown", True),
-    ("tp", "tp", False), ("fp", "fp", False), ("tn", "tn", False), ("fn", "fn", False), ("other", "other", False),
+    ("tp", "tp", False), ("fp", "fp", False), ("tn", "tn", False), ("fn", "fn", False),
+    ("other", "other", False),
 )
 
 
 @boundary
 def pope(
     questions: Annotated[
-        list[Path],
-        typer.Option("--questions", help="POPE question file (JSONL or JSON array); repeat for several splits."),
-    ],
+        list[Path] | None,
+        typer.Option("--questions",
+                     help="POPE question file (JSONL or JSON array); repeat for several splits."),
+    ] = None,
     answers: Annotated[
         list[Path] | None,
         typer.Option("--answers", help="Answers JSONL {question_id, text|answer}: one per --questions in the "
                                        "same order, or one file whose records carry 'split'."),
     ] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result (metrics, items) here.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the full result (metrics, items) here.")
+    ] = None,
     parser: Annotated[
         str,
-        typer.Option("--parser", help="pope-official (default), opera, vcd, lmms-eval, vlmevalkit or strict."),
+        typer.Option("--parser",
+                     help="pope-official (default), opera, vcd, lmms-eval, vlmevalkit or strict."),
     ] = "pope-official",
     answer_key: Annotated[
         str | None,
         typer.Option("--answer-key", help="Field holding the model's answer (default: 'text' or 'answer')."),
     ] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Generate the answers with this model.")] = None,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Folder holding the question files' images.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run folder for generations.jsonl and results.json.")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option("--mode", help="generate (the official protocol) or choice (Yes/No logits, one forward).")
+    ] = "generate",
+    answer_suffix: Annotated[
+        str, typer.Option("--answer-suffix", help="none (official POPE, OPERA), llava, or vcd.")
+    ] = "none",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest generated answer, in tokens.")] = 128,
+    batch_size: BatchOpt = 32,
+    rescore: Annotated[
+        bool, typer.Option("--rescore", help="Re-parse the answers stored in --out; no model needed.")
+    ] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "sdpa",
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Score POPE answers against question files: accuracy, precision, recall, F1 and yes-ratio per split
     and averaged over splits, under the chosen codebase's parsing rule."""
@@ -53,6 +94,19 @@ def pope(
 
     if parser not in P.PARSERS:
         raise HalluError(f"--parser {parser}: unknown; choose one of {', '.join(P.PARSERS)}")
+    if model is not None or rescore:
+        if answers:
+            raise HalluError("--answers scores answers made elsewhere; it cannot be combined with --model/--rescore")
+        result, results_path = _with_model(
+            questions, model, images, out, parser, rescore,
+            dict(mode=mode, answer_suffix=answer_suffix, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                 device=device, dtype=dtype, attn=attn, trust_remote_code=trust_remote_code),
+        )
+        _report(result, json_out)
+        err_console.print(f"results written to {results_path}")
+        return
+    if not questions:
+        raise HalluError("--questions is required: the POPE question file(s) to score against")
     if not answers:
         raise HalluError("--answers is required (score-only mode): the model's answers to the questions")
     result = _score_only(questions, answers, parser, answer_key)
@@ -79,6 +133,76 @@ def _score_only(questions: list[Path], answers: list[Path], parser: str, answer_
     if answer_key:
         result["settings"]["answer_key"] = answer_key
     return result
+
+
+def _with_model(questions: list[Path] | None, model: Path | None, images: Path | None, out: Path | None,
+                parser: str, rescore: bool, knobs: dict) -> tuple[dict, Path]:
+    """Generate (or reuse) the model's answers in ``out`` and score them."""
+    from hallu.errors import HalluError
+    from hallu.evals import generation as G
+    from hallu.evals import pope as P
+    from hallu.fileio import sha256_file
+    from hallu.manifest import Run, dir_fingerprint
+    from hallu.records import EvalItem
+
+    if out is None:
+        raise HalluError("--out DIR is required with --model/--rescore (it holds generations and results)")
+    run = Run(out)
+    if rescore:
+        rec = run.stage_record(STAGE)
+        if rec is None:
+            raise HalluError(f"--out {out}: no POPE model run here to rescore")
+        options = rec["options"]
+        questions = [Path(q) for q in options["questions"]]
+        images, model = Path(options["images"]), Path(options["model"])
+    else:
+        from hallu.models import read_model_config
+
+        if not questions:
+            raise HalluError("--questions is required: the POPE question file(s) to ask")
+        if images is None:
+            raise HalluError("--images DIR is required with --model: the folder holding the questions' images")
+        if not images.is_dir():
+            raise HalluError(f"--images {images}: not a folder")
+        if knobs["answer_suffix"] not in P.ANSWER_SUFFIXES:
+            raise HalluError(f"--answer-suffix {knobs['answer_suffix']}: choose one of "
+                             f"{', '.join(P.ANSWER_SUFFIXES)}")
+        read_model_config(model, knobs["trust_remote_code"])
+        mopts = G.ModelOptions(model=model, **{k: v for k, v in knobs.items() if k != "answer_suffix"})
+        options = {"questions": [str(q.resolve()) for q in questions], "images": str(images.resolve()),
+                   "answer_suffix": knobs["answer_suffix"], "model_fingerprint": dir_fingerprint(model),
+                   **mopts.recorded()}
+    by_split = P.load_questions(questions)
+    suffix = P.ANSWER_SUFFIXES[options["answer_suffix"]]
+    items_by_split = {split: [EvalItem(id=f"{split}/{q.question_id}", images=[q.image],
+                                       question=P.request_text(q, suffix), label=q.label) for q in qs]
+                      for split, qs in by_split.items()}
+    items = [it for its in items_by_split.values() for it in its]
+    mopts = G.ModelOptions(model=model, device=knobs["device"], **{
+        k: options[k] for k in ("dtype", "attn", "trust_remote_code", "batch_size", "mode", "max_new_tokens")})
+    inputs = {f"questions_{i}": q for i, q in enumerate(questions)}
+    with run.stage(STAGE, options=options, inputs=inputs) as st:
+        if rescore and st.fresh:
+            raise HalluError(f"--rescore: the question files changed since the run in {out}; run with --model again")
+        gens, info = G.generate(st, items, mopts, images, label="pope")
+        answers = {split: {str(q.question_id): gens[G.prompt_key(it)]["text"]
+                           for q, it in zip(qs, items_by_split[split], strict=True)}
+                   for split, qs in by_split.items()}
+        result = P.score(by_split, answers, parser)
+        for split, path in zip(by_split, questions, strict=True):
+            result["settings"]["questions"][split].update({"file": str(path), "sha256": sha256_file(path)})
+        result["settings"].update(
+            mode=options["mode"], answer_suffix=options["answer_suffix"], request_suffix=suffix,
+            decoding={"do_sample": False, "num_beams": 1, "max_new_tokens": options["max_new_tokens"]},
+            **info,
+        )
+        if options["mode"] == "choice":
+            result["settings"]["choices"] = list(mopts.choices)
+            result.setdefault("notes", []).append(
+                "mode=choice: each answer is the higher-logit of 'Yes'/'No' at the first answer token "
+                "(one forward pass), not generated text")
+        results_path = G.write_results(st, result)
+    return result, results_path
 
 
 def _fmt(value, rate: bool) -> str:

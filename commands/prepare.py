@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from hallu.commands import prepare_pope
 from hallu.commands._common import boundary, err_console
 
 app = typer.Typer(help="Build data sets (shapes, ...) and tiny offline models.", no_args_is_help=True)
@@ -23,7 +25,6 @@ def shapes(
     """The offline shapes world: glyph images standing for COCO categories, with COCO instances and
     captions, VG-style regions, POPE objects and prompt records ready for `hallu rollout`."""
     from hallu.data import shapes as world
-
     from hallu.fileio import StagedDir
     from hallu.manifest import Run
 
@@ -57,9 +58,8 @@ def tiny_model(
 ) -> None:
     """A tiny random vision-language model that loads offline with AutoModelForImageTextToText and
     AutoProcessor, with a tokenizer that knows the shapes world's words."""
-    from hallu.data.shapes import tokenizer_corpus
-
     from hallu import tiny
+    from hallu.data.shapes import tokenizer_corpus
     from hallu.errors import HalluError
     from hallu.fileio import StagedDir
 
@@ -68,3 +68,6 @@ def tiny_model(
     with StagedDir(out) as tmp:
         info = tiny.build_tiny_model(family, tmp, corpus=tokenizer_corpus(), seed=seed)
     err_console.print(f"[green]tiny {family}[/]: {info['parameters']:,} parameters in {out}")
+
+
+app.command("pope")(prepare_pope.pope)

@@ -28,21 +28,24 @@ def pope(
                                               "each image's annotations, in annotation order."),
     ] = None,
     images_per_split: Annotated[
-        int, typer.Option("--images-per-split", min=1, help="Images drawn; each gives 2 x sample-num questions.")
+        int, typer.Option("--images-per-split", min=1,
+                          help="Images drawn; each gives 2 x sample-num questions.")
     ] = 500,
     seed: Annotated[
         int | None,
         typer.Option("--seed", help="Same output as the official generator after random.seed(SEED). "
                                     "Default: a fresh seed, printed and recorded."),
     ] = None,
-    dataset: Annotated[str, typer.Option("--dataset", help="File name prefix: {dataset}_pope_random.json ...")] = "coco",
+    dataset: Annotated[
+        str, typer.Option("--dataset", help="File name prefix: {dataset}_pope_random.json ...")
+    ] = "coco",
     sample_num: Annotated[
         int, typer.Option("--sample-num", min=1, help="Positives (and negatives) per image; images need at "
                                                       "least this many objects.")
     ] = 3,
-    template: Annotated[str, typer.Option("--template", help="Question template with one {} for the object.")] = (
-        "Is there a {} in the image?"
-    ),
+    template: Annotated[
+        str, typer.Option("--template", help="Question template with one {} for the object.")
+    ] = "Is there a {} in the image?",
     an_template: Annotated[
         str | None,
         typer.Option("--an-template", help="Template for names starting with a vowel. Default: the article "

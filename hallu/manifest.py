@@ -209,7 +209,9 @@ class Run:
         """Every pipeline stage with its state, progress and, when stale, the reasons."""
         m = self.read()
         stages = m["stages"]
-        names = list(PIPELINE) + sorted(n for n in stages if n not in PIPELINE)
+        # A folder holding only eval runs does not pretend to be a pipeline with pending stages.
+        pipeline = list(PIPELINE) if any(n in stages for n in PIPELINE) or not stages else []
+        names = pipeline + sorted(n for n in stages if n not in PIPELINE)
         views: dict[str, StageView] = {}
         for name in names:
             rec = stages.get(name)
@@ -279,6 +281,7 @@ class StageRun:
         self.after = list(after)
         self.outputs: dict[str, dict] = {}
         self.fresh = True
+        self.previous: dict = {}  # the record of the last attempt, as it was before this one started
         self.extra: dict[str, Any] = {}
         self._lock = None
         self._last_progress_write = 0.0
@@ -304,6 +307,7 @@ class StageRun:
         try:
             inputs = {k: self.run.artifact(p) for k, p in self.input_paths.items()}
             prev = self.run.stage_record(self.name) or {}
+            self.previous = prev
             self.fresh = not (
                 prev.get("options_digest") == self.options_digest
                 and {k: a["digest"] for k, a in prev.get("inputs", {}).items()}

@@ -1,0 +1,136 @@
+"""Model answers for a benchmark: generation (or choice scoring) into a resumable, rescorable store.
+
+Every benchmark run with ``--model`` works in an output folder that is also a run directory:
+
+    OUT/manifest.json       the stage ``eval-<benchmark>``: options, inputs, model digest, progress
+    OUT/generations.jsonl   one record per distinct prompt: {"id", "text"[, "scores"]}; resumable
+    OUT/results.json        metrics + items, rewritten by ``--rescore`` without touching the model
+
+Identical prompts are generated once: POPE's three splits share most of their questions, and a greedy
+answer to the same (image, prompt) is the same answer. Items point at their prompt by a content key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hallu.errors import HalluError
+from hallu.fileio import atomic_write_json, digest_json, iter_jsonl
+from hallu.manifest import StageRun
+from hallu.records import EvalItem, resolve_image
+
+GENERATIONS = "generations.jsonl"
+RESULTS = "results.json"
+
+
+@dataclass
+class ModelOptions:
+    """How to load and drive the model; everything here is recorded with the results."""
+
+    model: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "sdpa"
+    trust_remote_code: bool = False
+    batch_size: int = 32
+    mode: str = "generate"  # generate | choice
+    choices: tuple[str, ...] = ("Yes", "No")
+    max_new_tokens: int = 128
+    num_beams: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def recorded(self) -> dict:
+        d = asdict(self)
+        d["model"] = str(self.model)
+        d.pop("device")  # where it ran does not change what it computes
+        return d
+
+
+def prompt_key(item: EvalItem) -> str:
+    """Items with the same images and text share one generation."""
+    return digest_json({"images": item.images, "text": item.question})[len("sha256:") :][:24]
+
+
+def check_images(items: list[EvalItem], base: Path, where: str) -> None:
+    for it in items:
+        for img in it.images:
+            if not resolve_image(img, base).is_file():
+                raise HalluError(f"{where}: item {it.id}: image {resolve_image(img, base)} not found")
+
+
+def generate(stage: StageRun, items: list[EvalItem], opts: ModelOptions, image_base: Path,
+             label: str) -> tuple[dict[str, dict], dict]:
+    """Answer every distinct prompt of ``items`` (resumable).
+
+    Returns ``({prompt_key: record}, info)`` where ``info`` records the model fingerprint, the chat
+    template's digest and one rendered prompt. When every answer is already stored (a finished run, a
+    rescore) the model is not even loaded and ``info`` comes from the earlier attempt.
+    """
+    from hallu.stages import run_batched
+
+    if opts.mode not in ("generate", "choice"):
+        raise HalluError(f"--mode {opts.mode}: choose generate or choice")
+    unique: dict[str, EvalItem] = {}
+    for it in items:
+        unique.setdefault(prompt_key(it), it)
+    keys = list(unique)
+    out = stage.run.dir / GENERATIONS
+    stored = load_generations(stage.run.dir) if out.exists() and not stage.fresh else {}
+    if all(k in stored for k in keys):
+        info = stage.previous.get("generation") or {}
+    else:
+        check_images(items, image_base, label)
+        engine = _load_engine(opts, image_base)
+        first = unique[keys[0]]
+        info = {"model": str(opts.model), "model_fingerprint": engine.fingerprint,
+                "chat_template_sha256": digest_json(engine.processor.chat_template),
+                "prompt_example": engine.render(_request(first))}
+
+        def work(batch: list[str], index: int) -> list[dict]:
+            return _answer(engine, [_request(unique[k], k) for k in batch], opts)
+
+        run_batched(stage, out, keys, batch_size=opts.batch_size, record_ids=lambda k: [k], work=work,
+                    label=label)
+    stage.extra["generation"] = info
+    stage.output("generations", out, count=len(keys))
+    return load_generations(stage.run.dir), info
+
+
+def _request(item: EvalItem, key: str | None = None):
+    from hallu.engine import GenRequest
+
+    return GenRequest(key or item.id, item.images, item.question)
+
+
+def _load_engine(opts: ModelOptions, image_base: Path):
+    from hallu.engine import Engine
+
+    return Engine.load(opts.model, device=opts.device, dtype=opts.dtype, attn=opts.attn,
+                       trust_remote_code=opts.trust_remote_code, batch_size=opts.batch_size, image_base=image_base)
+
+
+def _answer(engine, requests, opts: ModelOptions) -> list[dict]:
+    from hallu.engine import Decoding
+
+    if opts.mode == "choice":
+        return [{"id": c.id, "text": c.pred, "scores": c.scores}
+                for chunk in engine.choose(requests, opts.choices) for c in chunk]
+    decoding = Decoding(max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams)
+    return [{"id": g.id, "text": g.text, "tokens": g.tokens, "finished": g.finished}
+            for chunk in engine.generate(requests, decoding) for g in chunk]
+
+
+def load_generations(out_dir: Path) -> dict[str, dict]:
+    path = Path(out_dir) / GENERATIONS
+    if not path.exists():
+        raise HalluError(f"{path}: no stored generations to rescore (run with --model first)")
+    return {rec["id"]: rec for _, rec in iter_jsonl(path)}
+
+
+def write_results(stage: StageRun, result: dict) -> Path:
+    path = stage.run.dir / RESULTS
+    atomic_write_json(path, result)
+    stage.output("results", path, count=len(result.get("items", [])))
+    return path
