@@ -21,7 +21,8 @@ def chair(
         Path | None,
         typer.Option(
             "--captions",
-            help="Generated captions: JSON list or JSONL of {image_id, caption}, or the official {\"imgToEval\": {...}}.",
+            help="Generated captions: JSON list or JSONL of {image_id, caption}, "
+            'or the official {"imgToEval": {...}}.',
         ),
     ] = None,
     coco_annotations: Annotated[
@@ -32,10 +33,15 @@ def chair(
         ),
     ] = None,
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="Write metrics, counts, per-caption items and settings here.")
+        Path | None,
+        typer.Option("--json", help="Write metrics, counts, per-caption items and settings here."),
     ] = None,
-    image_id_key: Annotated[str, typer.Option("--image-id-key", help="Record key holding the COCO image id.")] = "image_id",
-    caption_key: Annotated[str, typer.Option("--caption-key", help="Record key holding the caption.")] = "caption",
+    image_id_key: Annotated[
+        str, typer.Option("--image-id-key", help="Record key holding the COCO image id.")
+    ] = "image_id",
+    caption_key: Annotated[
+        str, typer.Option("--caption-key", help="Record key holding the caption.")
+    ] = "caption",
     unknown_images: Annotated[
         str,
         typer.Option(
@@ -54,7 +60,8 @@ def chair(
     if coco_annotations is None:
         raise HalluError("--coco-annotations DIR is required (COCO 2014 instances and captions files)")
     if unknown_images not in bench.UNKNOWN_IMAGE_POLICIES:
-        raise HalluError(f"--unknown-images {unknown_images}: choose one of {', '.join(bench.UNKNOWN_IMAGE_POLICIES)}")
+        choices = ", ".join(bench.UNKNOWN_IMAGE_POLICIES)
+        raise HalluError(f"--unknown-images {unknown_images}: choose one of {choices}")
     result = bench.evaluate_file(
         captions,
         coco_annotations,
@@ -84,7 +91,8 @@ def metrics_table(result: dict):
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("from", style="dim")
-    table.add_row("CHAIR_s", _pct(m["chair_s"]), f"{c['captions_with_hallucination']}/{c['captions']} captions")
+    hall_caps = c["captions_with_hallucination"]
+    table.add_row("CHAIR_s", _pct(m["chair_s"]), f"{hall_caps}/{c['captions']} captions")
     table.add_row("CHAIR_i", _pct(m["chair_i"]), f"{c['hallucinated_mentions']}/{c['mentions']} mentions")
     table.add_row("Recall", _pct(m["recall"]), f"{c['recalled_objects']}/{c['gt_objects']} gt objects")
     table.add_row("Len", _pct(m["len"]), f"{c['words']} words / {c['captions']} captions")

@@ -30,7 +30,6 @@ from hallu.commands._common import (
     out_console,
 )
 
-STAGE = "eval-pope"
 # Rows of the terminal table: (metric key, label, is a rate shown in %).
 _ROWS = (
     ("accuracy", "accuracy", True), ("precision", "precision", True), ("recall", "recall", True),
@@ -97,7 +96,9 @@ def pope(
     if model is not None or rescore:
         if answers:
             raise HalluError("--answers scores answers made elsewhere; it cannot be combined with --model/--rescore")
-        result, results_path = _with_model(
+        from hallu.evals.pope import evaluate_model
+
+        result, results_path = evaluate_model(
             questions, model, images, out, parser, rescore,
             dict(mode=mode, answer_suffix=answer_suffix, max_new_tokens=max_new_tokens, batch_size=batch_size,
                  device=device, dtype=dtype, attn=attn, trust_remote_code=trust_remote_code),
@@ -133,76 +134,6 @@ def _score_only(questions: list[Path], answers: list[Path], parser: str, answer_
     if answer_key:
         result["settings"]["answer_key"] = answer_key
     return result
-
-
-def _with_model(questions: list[Path] | None, model: Path | None, images: Path | None, out: Path | None,
-                parser: str, rescore: bool, knobs: dict) -> tuple[dict, Path]:
-    """Generate (or reuse) the model's answers in ``out`` and score them."""
-    from hallu.errors import HalluError
-    from hallu.evals import generation as G
-    from hallu.evals import pope as P
-    from hallu.fileio import sha256_file
-    from hallu.manifest import Run, dir_fingerprint
-    from hallu.records import EvalItem
-
-    if out is None:
-        raise HalluError("--out DIR is required with --model/--rescore (it holds generations and results)")
-    run = Run(out)
-    if rescore:
-        rec = run.stage_record(STAGE)
-        if rec is None:
-            raise HalluError(f"--out {out}: no POPE model run here to rescore")
-        options = rec["options"]
-        questions = [Path(q) for q in options["questions"]]
-        images, model = Path(options["images"]), Path(options["model"])
-    else:
-        from hallu.models import read_model_config
-
-        if not questions:
-            raise HalluError("--questions is required: the POPE question file(s) to ask")
-        if images is None:
-            raise HalluError("--images DIR is required with --model: the folder holding the questions' images")
-        if not images.is_dir():
-            raise HalluError(f"--images {images}: not a folder")
-        if knobs["answer_suffix"] not in P.ANSWER_SUFFIXES:
-            raise HalluError(f"--answer-suffix {knobs['answer_suffix']}: choose one of "
-                             f"{', '.join(P.ANSWER_SUFFIXES)}")
-        read_model_config(model, knobs["trust_remote_code"])
-        mopts = G.ModelOptions(model=model, **{k: v for k, v in knobs.items() if k != "answer_suffix"})
-        options = {"questions": [str(q.resolve()) for q in questions], "images": str(images.resolve()),
-                   "answer_suffix": knobs["answer_suffix"], "model_fingerprint": dir_fingerprint(model),
-                   **mopts.recorded()}
-    by_split = P.load_questions(questions)
-    suffix = P.ANSWER_SUFFIXES[options["answer_suffix"]]
-    items_by_split = {split: [EvalItem(id=f"{split}/{q.question_id}", images=[q.image],
-                                       question=P.request_text(q, suffix), label=q.label) for q in qs]
-                      for split, qs in by_split.items()}
-    items = [it for its in items_by_split.values() for it in its]
-    mopts = G.ModelOptions(model=model, device=knobs["device"], **{
-        k: options[k] for k in ("dtype", "attn", "trust_remote_code", "batch_size", "mode", "max_new_tokens")})
-    inputs = {f"questions_{i}": q for i, q in enumerate(questions)}
-    with run.stage(STAGE, options=options, inputs=inputs) as st:
-        if rescore and st.fresh:
-            raise HalluError(f"--rescore: the question files changed since the run in {out}; run with --model again")
-        gens, info = G.generate(st, items, mopts, images, label="pope")
-        answers = {split: {str(q.question_id): gens[G.prompt_key(it)]["text"]
-                           for q, it in zip(qs, items_by_split[split], strict=True)}
-                   for split, qs in by_split.items()}
-        result = P.score(by_split, answers, parser)
-        for split, path in zip(by_split, questions, strict=True):
-            result["settings"]["questions"][split].update({"file": str(path), "sha256": sha256_file(path)})
-        result["settings"].update(
-            mode=options["mode"], answer_suffix=options["answer_suffix"], request_suffix=suffix,
-            decoding={"do_sample": False, "num_beams": 1, "max_new_tokens": options["max_new_tokens"]},
-            **info,
-        )
-        if options["mode"] == "choice":
-            result["settings"]["choices"] = list(mopts.choices)
-            result.setdefault("notes", []).append(
-                "mode=choice: each answer is the higher-logit of 'Yes'/'No' at the first answer token "
-                "(one forward pass), not generated text")
-        results_path = G.write_results(st, result)
-    return result, results_path
 
 
 def _fmt(value, rate: bool) -> str:

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from hallu.commands._common import err_console, out_console
+from hallu.commands._common import boundary, err_console, out_console
 
 _METRIC_ROWS = (
     ("shr", "SHR (hal_sents_ratio)"),
@@ -29,6 +29,7 @@ _METRIC_ROWS = (
 )
 
 
+@boundary
 def shr(
     json_out: Annotated[Path, typer.Option("--json", help="Where to write the result JSON.")],
     responses: Annotated[Path | None, typer.Option(help='Responses: JSON {"<image_id>": "text"}.')] = None,
@@ -66,7 +67,7 @@ def shr(
         Path | None, typer.Option(help="Judge reply cache (JSONL). Default: judge_cache.jsonl by --json.")
     ] = None,
     no_judge: Annotated[
-        bool, typer.Option(help="Repetition only, no API calls (the official --no-gpt-judge).")
+        bool, typer.Option("--no-judge", help="Repetition only, no API calls (the official --no-gpt-judge).")
     ] = False,
     rescore: Annotated[
         Path | None, typer.Option(help="Recompute from a stored result or HA-DPO judgement.json; no calls.")
@@ -110,7 +111,7 @@ def shr(
     ids = bench.load_image_list(image_list) if image_list is not None else None
     wanted = ids if ids is not None else [int(k) for k in resp]
     fact_map = bench.load_facts(facts or [])
-    err_console.print(f"reading Visual Genome from {vg} ...")
+    err_console.print(f"reading Visual Genome from {vg} ...", soft_wrap=True)
     vgdata = bench.load_visual_genome(image_data, regions, keep=wanted)
     inputs = {
         "responses": {"path": str(responses), "sha256": sha256_file(responses)},
@@ -150,7 +151,8 @@ def _print(result: dict, json_out: Path) -> None:
     err_console.print(
         f"{c['images']} images, {c['sentences']} sentences; count mismatches {c['count_mismatch']}, "
         f"judge format failures {c['judge_format_failures']}, API failures {c['judge_api_failures']}, "
-        f"empty responses {c['empty_responses']}"
+        f"empty responses {c['empty_responses']}",
+        soft_wrap=True,
     )
     usage = result.get("usage") or {}
     if usage:
@@ -159,11 +161,13 @@ def _print(result: dict, json_out: Path) -> None:
             f"judge {result['settings'].get('judge_model')}: {usage['new_replies']} new replies, "
             f"{usage['cached_replies']} cached, {usage['retries']} retries, "
             f"{usage['prompt_tokens']}+{usage['completion_tokens']} tokens, "
-            f"cost {'unknown' if cost is None else f'{cost:.4f} USD'}"
+            f"cost {'unknown' if cost is None else f'{cost:.4f} USD'}",
+            soft_wrap=True,
         )
     if c["judge_api_failures"]:
         err_console.print(
             f"[yellow]warning:[/] {c['judge_api_failures']} images got no judgement (API errors); their "
-            "sentences count as unclassified. Rerun the same command to retry them (cached replies are kept)."
+            "sentences count as unclassified. Rerun the same command to retry them (cached replies are kept).",
+            soft_wrap=True,
         )
-    err_console.print(f"wrote {json_out}")
+    err_console.print(f"wrote {json_out}", soft_wrap=True)
