@@ -19,6 +19,7 @@ from hallu.commands import rollout as _rollout
 from hallu.commands import status as _status
 from hallu.commands._common import boundary, state
 
+
 class _PipelineOrder(TyperGroup):
     """List commands in pipeline order in `hallu --help`, not registration order."""
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from hallu.commands._common import err_console
 
 
@@ -20,7 +21,6 @@ def demo(
 ) -> None:
     """Run the whole loop offline on the shapes world with a tiny random model (minutes on a laptop CPU)."""
     from hallu.commands import prepare, status
-
     from hallu.manifest import Run
     from hallu.rollout import RolloutOptions, rollout
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from hallu.commands._common import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, RunOpt, TrustOpt, err_console
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from hallu.commands._common import RunOpt, out_console
 
 _STYLE = {"done": "green", "running": "cyan", "failed": "red", "stale": "yellow", "pending": "dim"}

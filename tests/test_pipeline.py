@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hallu.commands import app
 from typer.testing import CliRunner
 
+from hallu.commands import app
 from hallu.manifest import Run
 from hallu.records import Response, read_records
 

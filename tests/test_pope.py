@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import typer
-from hallu.commands import eval_pope
-from hallu.evals import pope as P
 from typer.testing import CliRunner
 
+from hallu.commands import eval_pope
 from hallu.errors import HalluError
+from hallu.evals import pope as P
 
 DATA = Path(__file__).parent / "data" / "pope"
 LABELS = DATA / "pope_labels_realistic.jsonl"

@@ -9,8 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hallu.data import shapes
 
+from hallu.data import shapes
 from hallu.errors import HalluError
 from hallu.records import Prompt, read_records
 
