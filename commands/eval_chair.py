@@ -12,7 +12,16 @@ from typing import Annotated
 
 import typer
 
-from hallu.commands._common import boundary, err_console, out_console
+from hallu.commands._common import (
+    AttnOpt,
+    BatchOpt,
+    DeviceOpt,
+    DtypeOpt,
+    TrustOpt,
+    boundary,
+    err_console,
+    out_console,
+)
 
 
 @boundary
@@ -50,11 +59,48 @@ def chair(
             "objects, as the official script does).",
         ),
     ] = "error",
+    model: Annotated[Path | None, typer.Option("--model", help="Caption the images with this model first.")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Image folder (e.g. COCO val2014).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run folder for generations.jsonl and results.json.")
+    ] = None,
+    n_images: Annotated[int, typer.Option("--n-images", min=1, help="Images drawn (seeded) from --images.")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of the image draw (OPERA uses 42).")] = 42,
+    prompt: Annotated[str, typer.Option(help="The captioning request.")] = "Please describe this image in detail.",
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, help="Longest caption, in tokens (64 for 'CHAIR short').")
+    ] = 512,
+    batch_size: BatchOpt = 16,
+    rescore: Annotated[
+        bool, typer.Option("--rescore", help="Re-score the captions stored in --out; no model needed.")
+    ] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "sdpa",
+    trust_remote_code: TrustOpt = False,
 ) -> None:
-    """CHAIR (Rohrbach et al. 2018) exactly as the official script computes it."""
+    """CHAIR (Rohrbach et al. 2018) exactly as the official script computes it: score captions made
+    elsewhere (--captions), or caption seeded images with --model first (OPERA's protocol)."""
     from hallu.errors import HalluError
     from hallu.evals import chair as bench
 
+    if model is not None or rescore:
+        if captions is not None:
+            raise HalluError("--captions scores captions made elsewhere; it cannot be combined with --model/--rescore")
+        if unknown_images not in bench.UNKNOWN_IMAGE_POLICIES:
+            raise HalluError(f"--unknown-images {unknown_images}: choose one of "
+                             f"{', '.join(bench.UNKNOWN_IMAGE_POLICIES)}")
+        knobs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype, attn=attn,
+                     trust_remote_code=trust_remote_code)
+        result, path = bench.evaluate_model(model, images, coco_annotations, out, rescore, knobs, n_images=n_images,
+                                            seed=seed, prompt=prompt, unknown_images=unknown_images)
+        out_console.print(metrics_table(result))
+        if json_out is not None:
+            from hallu.fileio import atomic_write_json
+
+            atomic_write_json(json_out, result)
+        err_console.print(f"[green]chair[/]: results in {path}")
+        return
     if captions is None:
         raise HalluError("--captions FILE is required (the captions to score)")
     if coco_annotations is None:

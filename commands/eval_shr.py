@@ -13,7 +13,16 @@ from typing import Annotated
 
 import typer
 
-from hallu.commands._common import boundary, err_console, out_console
+from hallu.commands._common import (
+    AttnOpt,
+    BatchOpt,
+    DeviceOpt,
+    DtypeOpt,
+    TrustOpt,
+    boundary,
+    err_console,
+    out_console,
+)
 
 _METRIC_ROWS = (
     ("shr", "SHR (hal_sents_ratio)"),
@@ -31,7 +40,10 @@ _METRIC_ROWS = (
 
 @boundary
 def shr(
-    json_out: Annotated[Path, typer.Option("--json", help="Where to write the result JSON.")],
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Where to write the result JSON (with --model: also OUT/results.json)."),
+    ] = None,
     responses: Annotated[Path | None, typer.Option(help='Responses: JSON {"<image_id>": "text"}.')] = None,
     vg: Annotated[
         Path | None, typer.Option(help="Visual Genome folder: image_data.json, region_descriptions.json.")
@@ -72,20 +84,44 @@ def shr(
     rescore: Annotated[
         Path | None, typer.Option(help="Recompute from a stored result or HA-DPO judgement.json; no calls.")
     ] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Describe the images with this model first (beam 5).")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Visual Genome image root (VG_100K*/) or a flat image folder.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run folder for generations.jsonl, the judge cache, results.json.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest description, in tokens.")] = 512,
+    num_beams: Annotated[int, typer.Option(min=1, help="Beams (HA-DPO: 5).")] = 5,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "sdpa",
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Score responses with SHR: a GPT judge checks each sentence against Visual Genome regions and facts."""
     from hallu.errors import HalluError
     from hallu.evals import shr as bench
     from hallu.fileio import atomic_write_json, read_json, sha256_file
 
+    if model is not None and responses is not None:
+        raise HalluError("--responses scores responses made elsewhere; it cannot be combined with --model")
+    if model is not None and out is None:
+        raise HalluError("--out DIR is required with --model (it holds the responses, judge cache and results)")
+    if json_out is None and out is None:
+        raise HalluError("--json OUT.json is required (where to write the result)")
     if rescore is not None:
+        if json_out is None:
+            raise HalluError("--json OUT.json is required with --rescore")
         result = bench.rescore(read_json(rescore))
         result["settings"]["rescored_from"] = str(rescore)
         atomic_write_json(json_out, result)
         _print(result, json_out)
         return
-    if responses is None or vg is None:
-        raise HalluError("eval shr: give --responses and --vg (or --rescore FILE)")
+    if (responses is None and model is None) or vg is None:
+        raise HalluError("eval shr: give --responses (or --model) and --vg (or --rescore FILE)")
     if not no_judge and not facts:
         raise HalluError("eval shr: give the SHR facts with --facts (once per JSONL file), or use --no-judge")
     image_data, regions = vg / "image_data.json", vg / "region_descriptions.json"
@@ -105,7 +141,25 @@ def shr(
             model=judge_model, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
             timeout_s=timeout, max_attempts=max_attempts, max_cost=max_cost, prices=prices,
         )
-        judge = OpenAIJudge(config, cache if cache is not None else json_out.parent / "judge_cache.jsonl")
+        default_cache = (out if model is not None else json_out.parent) / "judge_cache.jsonl"
+        judge = OpenAIJudge(config, cache if cache is not None else default_cache)
+
+    if model is not None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        knobs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, device=device,
+                     dtype=dtype, attn=attn, trust_remote_code=trust_remote_code)
+        ids = bench.load_image_list(image_list) if image_list is not None else None
+        with Progress(TextColumn("judging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err_console, transient=True, disable=judge is None) as bar:
+            task = bar.add_task("judge", total=None)
+            result, path = bench.evaluate_model(
+                model, images, vg, facts or [], ids, out, knobs, judge, format_attempts=format_attempts,
+                on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+        if json_out is not None:
+            atomic_write_json(json_out, result)
+        _print(result, json_out or path)
+        return
 
     resp = bench.load_responses(responses)
     ids = bench.load_image_list(image_list) if image_list is not None else None

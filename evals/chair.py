@@ -412,3 +412,50 @@ def image_id_for_file(path: str | os.PathLike, file_names: Mapping[str, int] | N
             f"{p}: cannot tell its COCO image id (not in the annotations, no digits in the name)"
         )
     return int(runs[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a model: captions for seeded images, then CHAIR
+# --------------------------------------------------------------------------------------------------
+
+EVAL_STAGE = "eval-chair"
+
+
+def evaluate_model(model: Path | None, images: Path | None, annotation_dir: Path | None, out: Path | None,
+                   rescore: bool, knobs: dict, *, n_images: int = 500, seed: int = OPERA_SEED,
+                   prompt: str = OPERA_PROMPT, unknown_images: str = "error") -> tuple[dict, Path]:
+    """Caption ``n_images`` seeded images of ``images`` with ``model`` (OPERA's protocol), then score CHAIR.
+
+    The captions go to ``out/generations.jsonl`` (resumable) and the result to ``out/results.json``;
+    ``rescore`` re-scores the stored captions (e.g. after fixing the annotations folder) without the model.
+    ``knobs``: :class:`~hallu.evals.generation.ModelOptions` fields (max_new_tokens, batch_size, ...).
+    """
+    from hallu.evals import generation as G
+    from hallu.records import EvalItem
+
+    knobs = dict(knobs)
+    device = knobs.pop("device", "auto")
+    ev = G.ModelEval(out, EVAL_STAGE, rescore)
+    if not rescore and annotation_dir is None:
+        raise HalluError("--coco-annotations DIR is required (COCO 2014 instances and captions files)")
+    if not rescore and images is not None and Path(images).is_dir():
+        chosen = [p.name for p in select_images(images, n_images, seed)]
+    else:
+        chosen = []
+    options = ev.options(model, images, knobs, annotations=str(Path(annotation_dir or ".").resolve()),
+                         n_images=n_images, seed=seed, prompt=prompt, image_files=chosen)
+    mopts = G.ModelOptions.from_recorded(options, device)
+    gt = CocoGroundTruth(options["annotations"])
+    items = [EvalItem(id=name, images=[name], question=options["prompt"]) for name in options["image_files"]]
+    with ev.stage(options, inputs={}) as st:
+        gens, info = G.generate(st, items, mopts, Path(options["images"]), label="chair")
+        records = [{"image_id": image_id_for_file(it.id, gt.file_names), "caption": gens[G.prompt_key(it)]["text"],
+                    "key": it.id, "where": f"{G.GENERATIONS}: image {it.id}"} for it in items]
+        settings = {"images": {"folder": options["images"], "n": options["n_images"], "seed": options["seed"],
+                               "files": options["image_files"]},
+                    "prompt": options["prompt"],
+                    "decoding": {"do_sample": False, "num_beams": mopts.num_beams,
+                                 "max_new_tokens": mopts.max_new_tokens}, **info}
+        result = evaluate(records, gt, unknown_images=unknown_images, settings=settings)
+        results_path = G.write_results(st, result)
+    return result, results_path

@@ -12,13 +12,15 @@ answer to the same (image, prompt) is the same answer. Items point at their prom
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from hallu.errors import HalluError
 from hallu.fileio import atomic_write_json, digest_json, iter_jsonl
-from hallu.manifest import StageRun
+from hallu.manifest import Run, StageRun
 from hallu.records import EvalItem, resolve_image
 
 GENERATIONS = "generations.jsonl"
@@ -39,13 +41,63 @@ class ModelOptions:
     choices: tuple[str, ...] = ("Yes", "No")
     max_new_tokens: int = 128
     num_beams: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def recorded(self) -> dict:
         d = asdict(self)
         d["model"] = str(self.model)
+        d["choices"] = list(self.choices)
         d.pop("device")  # where it ran does not change what it computes
         return d
+
+    @classmethod
+    def from_recorded(cls, options: dict, device: str = "auto") -> ModelOptions:
+        names = {f.name for f in fields(cls)} - {"model", "device", "choices"}
+        return cls(model=Path(options["model"]), device=device, choices=tuple(options.get("choices", ("Yes", "No"))),
+                   **{k: options[k] for k in names if k in options})
+
+
+class ModelEval:
+    """A benchmark run with a model in a run folder: its options are recorded so ``--rescore`` can
+    re-score the stored answers later with nothing but the folder (and, for POPE, another parser)."""
+
+    def __init__(self, out: Path | None, stage: str, rescore: bool):
+        if out is None:
+            raise HalluError("--out DIR is required with --model/--rescore (it holds generations and results)")
+        self.run = Run(out)
+        self.stage_name = stage
+        self.rescore = rescore
+        self.recorded: dict | None = None
+        if rescore:
+            rec = self.run.stage_record(stage)
+            if rec is None:
+                raise HalluError(f"--out {out}: no '{stage}' run with a model here to rescore")
+            self.recorded = rec["options"]
+
+    def options(self, model: Path | None, images: Path | None, knobs: dict, **benchmark_options: Any) -> dict:
+        """The run's options: the recorded ones when rescoring, else checked ones built from the flags."""
+        if self.recorded is not None:
+            return self.recorded
+        from hallu.manifest import dir_fingerprint
+        from hallu.models import read_model_config
+
+        if model is None:
+            raise HalluError("--model M is required (or --rescore with an --out folder of an earlier run)")
+        if images is None:
+            raise HalluError("--images DIR is required with --model: the folder holding the images")
+        if not Path(images).is_dir():
+            raise HalluError(f"--images {images}: not a folder")
+        read_model_config(model, knobs.get("trust_remote_code", False))
+        mopts = ModelOptions(model=Path(model), **knobs)
+        return {**benchmark_options, "images": str(Path(images).resolve()), "model_fingerprint": dir_fingerprint(model),
+                **mopts.recorded()}
+
+    @contextmanager
+    def stage(self, options: dict, inputs: dict) -> Iterator[StageRun]:
+        with self.run.stage(self.stage_name, options=options, inputs=inputs) as st:
+            if self.rescore and st.fresh:
+                raise HalluError(f"--rescore: the inputs changed since the run in {self.run.dir}; "
+                                 "run with --model again")
+            yield st
 
 
 def prompt_key(item: EvalItem) -> str:

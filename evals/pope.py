@@ -1058,58 +1058,38 @@ EVAL_STAGE = "eval-pope"
 
 
 def evaluate_model(questions: list[Path] | None, model: Path | None, images: Path | None, out: Path | None,
-                parser: str, rescore: bool, knobs: dict) -> tuple[dict, Path]:
+                   parser: str, rescore: bool, knobs: dict) -> tuple[dict, Path]:
     """Generate (or reuse) a model's answers in the run folder ``out`` and score them with ``parser``.
 
-    ``knobs``: mode, answer_suffix, max_new_tokens, batch_size, device, dtype, attn, trust_remote_code.
-    With ``rescore`` everything but the parser comes from the earlier run recorded in ``out``.
-    Returns the result and the path of ``results.json``.
+    ``knobs``: answer_suffix plus :class:`~hallu.evals.generation.ModelOptions` fields (mode,
+    max_new_tokens, batch_size, device, dtype, attn, trust_remote_code). With ``rescore`` everything but
+    the parser comes from the earlier run recorded in ``out``. Returns the result and its path.
     """
     from hallu.evals import generation as G
     from hallu.fileio import sha256_file
-    from hallu.manifest import Run, dir_fingerprint
     from hallu.records import EvalItem
 
-    if out is None:
-        raise HalluError("--out DIR is required with --model/--rescore (it holds generations and results)")
-    run = Run(out)
-    if rescore:
-        rec = run.stage_record(EVAL_STAGE)
-        if rec is None:
-            raise HalluError(f"--out {out}: no POPE model run here to rescore")
-        options = rec["options"]
-        questions = [Path(q) for q in options["questions"]]
-        images, model = Path(options["images"]), Path(options["model"])
-    else:
-        from hallu.models import read_model_config
-
+    knobs = dict(knobs)
+    suffix_name = knobs.pop("answer_suffix", "none")
+    device = knobs.pop("device", "auto")
+    ev = G.ModelEval(out, EVAL_STAGE, rescore)
+    if not rescore:
         if not questions:
             raise HalluError("--questions is required: the POPE question file(s) to ask")
-        if images is None:
-            raise HalluError("--images DIR is required with --model: the folder holding the questions' images")
-        if not images.is_dir():
-            raise HalluError(f"--images {images}: not a folder")
-        if knobs["answer_suffix"] not in ANSWER_SUFFIXES:
-            raise HalluError(f"--answer-suffix {knobs['answer_suffix']}: choose one of "
-                             f"{', '.join(ANSWER_SUFFIXES)}")
-        read_model_config(model, knobs["trust_remote_code"])
-        mopts = G.ModelOptions(model=model, **{k: v for k, v in knobs.items() if k != "answer_suffix"})
-        options = {"questions": [str(q.resolve()) for q in questions], "images": str(images.resolve()),
-                   "answer_suffix": knobs["answer_suffix"], "model_fingerprint": dir_fingerprint(model),
-                   **mopts.recorded()}
+        if suffix_name not in ANSWER_SUFFIXES:
+            raise HalluError(f"--answer-suffix {suffix_name}: choose one of {', '.join(ANSWER_SUFFIXES)}")
+    options = ev.options(model, images, knobs, questions=[str(Path(q).resolve()) for q in questions or []],
+                         answer_suffix=suffix_name)
+    questions = [Path(q) for q in options["questions"]]
+    mopts = G.ModelOptions.from_recorded(options, device)
     by_split = load_questions(questions)
     suffix = ANSWER_SUFFIXES[options["answer_suffix"]]
     items_by_split = {split: [EvalItem(id=f"{split}/{q.question_id}", images=[q.image],
                                        question=request_text(q, suffix), label=q.label) for q in qs]
                       for split, qs in by_split.items()}
     items = [it for its in items_by_split.values() for it in its]
-    mopts = G.ModelOptions(model=model, device=knobs["device"], **{
-        k: options[k] for k in ("dtype", "attn", "trust_remote_code", "batch_size", "mode", "max_new_tokens")})
-    inputs = {f"questions_{i}": q for i, q in enumerate(questions)}
-    with run.stage(EVAL_STAGE, options=options, inputs=inputs) as st:
-        if rescore and st.fresh:
-            raise HalluError(f"--rescore: the question files changed since the run in {out}; run with --model again")
-        gens, info = G.generate(st, items, mopts, images, label="pope")
+    with ev.stage(options, inputs={f"questions_{i}": q for i, q in enumerate(questions)}) as st:
+        gens, info = G.generate(st, items, mopts, Path(options["images"]), label="pope")
         answers = {split: {str(q.question_id): gens[G.prompt_key(it)]["text"]
                            for q, it in zip(qs, items_by_split[split], strict=True)}
                    for split, qs in by_split.items()}
@@ -1117,11 +1097,10 @@ def evaluate_model(questions: list[Path] | None, model: Path | None, images: Pat
         for split, path in zip(by_split, questions, strict=True):
             result["settings"]["questions"][split].update({"file": str(path), "sha256": sha256_file(path)})
         result["settings"].update(
-            mode=options["mode"], answer_suffix=options["answer_suffix"], request_suffix=suffix,
-            decoding={"do_sample": False, "num_beams": 1, "max_new_tokens": options["max_new_tokens"]},
-            **info,
+            mode=mopts.mode, answer_suffix=options["answer_suffix"], request_suffix=suffix,
+            decoding={"do_sample": False, "num_beams": 1, "max_new_tokens": mopts.max_new_tokens}, **info,
         )
-        if options["mode"] == "choice":
+        if mopts.mode == "choice":
             result["settings"]["choices"] = list(mopts.choices)
             result.setdefault("notes", []).append(
                 "mode=choice: each answer is the higher-logit of 'Yes'/'No' at the first answer token "

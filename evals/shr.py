@@ -618,3 +618,62 @@ def rescore(stored: Mapping[str, Any]) -> dict[str, Any]:
         "items": items,
         "settings": settings,
     }
+
+
+# --- running a model: responses for the SHR images, then the judge ----------------------------------
+
+EVAL_STAGE = "eval-shr"
+GENERATION_MAX_NEW_TOKENS = 512
+
+
+def image_file(images: Path, vg_image: Mapping[str, Any]) -> str:
+    """An image's path relative to ``images``: ``VG_100K/x.jpg`` under a VG root, or ``x.jpg`` in a flat folder."""
+    parts = str(vg_image["url"]).split("/")
+    nested = f"{parts[-2]}/{parts[-1]}" if len(parts) > 1 else parts[-1]
+    return nested if (Path(images) / nested).is_file() else parts[-1]
+
+
+def evaluate_model(model: Path | None, images: Path | None, vg_dir: Path, facts: Sequence[Path],
+                   image_ids: Sequence[int] | None, out: Path | None, knobs: dict, judge: Any | None, *,
+                   format_attempts: int = DEFAULT_FORMAT_ATTEMPTS, inputs: Mapping[str, Any] | None = None,
+                   on_progress: Callable[[int, int], None] | None = None) -> tuple[dict, Path]:
+    """Describe each SHR image with ``model`` (HA-DPO's protocol: beam 5, no sampling), then judge.
+
+    Responses go to ``out/generations.jsonl`` (resumable; the judge's replies are cached beside them, so a
+    rerun after a crash makes no new calls), the result to ``out/results.json``. ``image_ids`` default to
+    the images that have facts, in file order.
+    """
+    from hallu.evals import generation as G
+    from hallu.records import EvalItem
+
+    knobs = {"num_beams": GENERATION_KWARGS["num_beams"], "max_new_tokens": GENERATION_MAX_NEW_TOKENS, **knobs}
+    device = knobs.pop("device", "auto")
+    ev = G.ModelEval(out, EVAL_STAGE, rescore=False)
+    fact_map = load_facts(facts)
+    ids = list(image_ids) if image_ids is not None else [_image_id(k, "facts") for k in fact_map]
+    if not ids:
+        raise HalluError("SHR: no images to describe (give --image-list, or facts files with images)")
+    vg = load_visual_genome(Path(vg_dir) / "image_data.json", Path(vg_dir) / "region_descriptions.json", keep=ids)
+    missing = [i for i in ids if i not in vg.images]
+    if missing:
+        raise HalluError(f"{vg_dir}/image_data.json: no image {missing[0]} ({len(missing)} of the SHR images missing)")
+    files = {i: image_file(images, vg.images[i]) for i in ids} if images is not None else {}
+    options = ev.options(model, images, knobs, image_ids=ids, image_files=[files.get(i) for i in ids],
+                         prompt=GENERATION_PROMPT)
+    mopts = G.ModelOptions.from_recorded(options, device)
+    items = [EvalItem(id=str(i), images=[f], question=options["prompt"])
+             for i, f in zip(ids, options["image_files"], strict=True)]
+    stage_inputs = {"image_data": Path(vg_dir) / "image_data.json",
+                    **{f"facts_{k}": Path(p) for k, p in enumerate(facts)}}
+    with ev.stage(options, inputs=stage_inputs) as st:
+        gens, info = G.generate(st, items, mopts, Path(options["images"]), label="shr: describe")
+        responses = {it.id: gens[G.prompt_key(it)]["text"] for it in items}
+        result = evaluate(responses, vg, fact_map, judge, image_ids=ids, format_attempts=format_attempts,
+                          inputs=inputs, on_progress=on_progress)
+        result["settings"]["generation"] = {
+            "prompt": options["prompt"],
+            "decoding": {"do_sample": False, "num_beams": mopts.num_beams, "max_new_tokens": mopts.max_new_tokens},
+            **info,
+        }
+        path = G.write_results(st, result)
+    return result, path
