@@ -22,6 +22,7 @@ from hallu.errors import HalluError
 from hallu.fileio import atomic_write_json, digest_json, iter_jsonl
 from hallu.manifest import Run, StageRun
 from hallu.records import EvalItem, resolve_image
+from hallu.shards import JsonlShard
 
 GENERATIONS = "generations.jsonl"
 RESULTS = "results.json"
@@ -129,8 +130,12 @@ def generate(stage: StageRun, items: list[EvalItem], opts: ModelOptions, image_b
         unique.setdefault(prompt_key(it), it)
     keys = list(unique)
     out = stage.run.dir / GENERATIONS
-    stored = load_generations(stage.run.dir) if out.exists() and not stage.fresh else {}
-    if all(k in stored for k in keys):
+    done: set[str] = set()
+    if out.exists() and not stage.fresh:
+        shard = JsonlShard(out)  # also cuts a torn last line left by a killed run
+        done = set(shard.open())
+        shard.close()
+    if all(k in done for k in keys):
         info = stage.previous.get("generation") or {}
     else:
         check_images(items, image_base, label)
