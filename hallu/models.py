@@ -126,11 +126,13 @@ def load_model(
 
     transformers.logging.set_verbosity_error()  # e.g. the "fell back to the PIL image processor" notice
     transformers.logging.disable_progress_bar()  # hallu draws its own progress
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from hallu.processors import load_processor
 
     try:
-        processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+        processor = load_processor(p, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError) as e:
         raise HalluError(f"--model {p}: cannot load its processor ({' '.join(str(e).split())[:200]})") from None
     if getattr(processor, "chat_template", None) is None:
         raise HalluError(f"--model {p}: the processor has no chat template, so prompts cannot be rendered")

@@ -19,7 +19,7 @@ OBJECTS = ["dog", "cat", "fork", "knife", "spoon", "bowl", "person", "car", "piz
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine-models")
     out = {}
-    for family in ("llava", "llava-next", "idefics3"):
+    for family in ("llava", "llava-next", "idefics3", "qwen2-vl", "instructblip"):
         tiny.build_tiny_model(family, root / family, corpus=tokenizer_corpus(), seed=1)
         out[family] = load_model(root / family)
     return out
@@ -45,7 +45,12 @@ def _one_at_a_time(lm, request, max_new_tokens):
     return lm.processor.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-@pytest.mark.parametrize("family, shares_prefix", [("llava", True), ("llava-next", True), ("idefics3", False)])
+@pytest.mark.parametrize("family, shares_prefix", [
+    ("llava", True), ("llava-next", True),
+    # Plain batched path: Idefics3's processor gives no replacement strings, Qwen2-VL positions are M-RoPE,
+    # InstructBLIP's image features depend on the question.
+    ("idefics3", False), ("qwen2-vl", False), ("instructblip", False),
+])
 def test_generate_equals_one_at_a_time(models, family, shares_prefix):
     lm = models[family]
     reqs = _requests()

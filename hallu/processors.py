@@ -1,0 +1,141 @@
+"""Loading processors on any machine: repairs for gaps in transformers 5.x processor loading.
+
+``load_processor`` is ``AutoProcessor.from_pretrained`` plus two repairs, used everywhere hallu loads a
+processor (``hallu.models``, ``hallu.tiny``):
+
+* Qwen2-VL-style processors need a video processor, and every transformers 5.x video processor needs
+  torchvision, which is not installable beside a CPU build of torch; images never touch the video
+  processor, so a stand-in that keeps and saves the video settings lets them load;
+* some processor classes (InstructBLIP) drop the chat template in their constructor; it is taken back
+  from the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# --------------------------------------------------------------------------------------------------
+# Qwen2-VL without torchvision
+#
+# In transformers 5.x the Qwen2-VL / Qwen2.5-VL processors require a video processor, and every video
+# processor is a torchvision backend: without torchvision, neither building nor loading such a processor
+# works (``AutoProcessor.from_pretrained`` raises OSError for the missing video processor, the constructor
+# raises AttributeError in its class check). Images never touch the video processor, so a stand-in that only
+# keeps (and saves) the video settings is enough. The folder written is the same as with torchvision: its
+# ``processor_config.json`` holds a ``video_processor`` entry of type ``Qwen2VLVideoProcessor``.
+# --------------------------------------------------------------------------------------------------
+
+_QWEN_VIDEO_DEFAULTS: dict[str, Any] = {
+    "video_processor_type": "Qwen2VLVideoProcessor",
+    "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+    "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "temporal_patch_size": 2,
+    "min_frames": 4, "max_frames": 768, "do_sample_frames": False, "max_video_tokens": 128000,
+}  # fmt: skip
+
+_STUB_CLASS: list[type] = []
+
+
+def _torchvision_available() -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return bool(is_torchvision_available())
+
+
+def _video_stub_class() -> type:
+    """A stand-in for ``Qwen2VLVideoProcessor``: keeps and saves its settings, refuses videos."""
+    if not _STUB_CLASS:
+        from transformers.utils import PushToHubMixin
+
+        class TorchvisionFreeVideoProcessor(PushToHubMixin):
+            _auto_class = None
+            valid_kwargs = None
+            model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+            def __init__(self, config: dict[str, Any]):
+                self._config = dict(config)
+                for key in ("patch_size", "merge_size", "temporal_patch_size"):
+                    setattr(self, key, self._config.get(key))
+
+            def to_dict(self) -> dict[str, Any]:
+                return dict(self._config)
+
+            def __call__(self, *args, **kwargs):
+                raise ImportError("video inputs need torchvision (this processor was loaded without it)")
+
+            def __repr__(self) -> str:
+                return f"TorchvisionFreeVideoProcessor({self._config.get('video_processor_type')})"
+
+        _STUB_CLASS.append(TorchvisionFreeVideoProcessor)
+    return _STUB_CLASS[0]
+
+
+def _make_video_processor(config: dict[str, Any]):
+    if _torchvision_available():
+        from transformers import Qwen2VLVideoProcessor
+
+        kwargs = {k: v for k, v in config.items() if k != "video_processor_type"}
+        return Qwen2VLVideoProcessor(**kwargs)
+    return _video_stub_class()(config)
+
+
+@contextmanager
+def torchvision_free_video_processors() -> Iterator[None]:
+    """Let Qwen2-VL-style processors be built and loaded when torchvision is missing (a no-op when present).
+
+    Inside it, ``AutoVideoProcessor.from_pretrained`` returns the stand-in built from the folder's
+    ``video_processor`` settings and the processor's argument check accepts that stand-in. The patches are
+    process-wide while the block runs and undone after it. ``load_processor`` uses it.
+    """
+    if _torchvision_available():
+        yield
+        return
+    from transformers import processing_utils
+    from transformers.models.auto import video_processing_auto
+
+    stub = _video_stub_class()
+    mixin = processing_utils.ProcessorMixin
+    auto = video_processing_auto.AutoVideoProcessor
+    orig_check = mixin.__dict__["check_argument_for_proper_class"]
+    orig_from_pretrained = auto.__dict__["from_pretrained"]
+
+    def check(proc, argument_name, argument):
+        if isinstance(argument, stub):
+            return stub
+        return orig_check(proc, argument_name, argument)
+
+    def from_pretrained(path, *args, **kwargs):
+        config = dict(_QWEN_VIDEO_DEFAULTS)
+        file = Path(path) / (kwargs.get("subfolder") or "") / "processor_config.json"
+        if file.is_file():
+            config.update(json.loads(file.read_text()).get("video_processor") or {})
+        return stub(config)
+
+    mixin.check_argument_for_proper_class = check
+    auto.from_pretrained = staticmethod(from_pretrained)
+    try:
+        yield
+    finally:
+        mixin.check_argument_for_proper_class = orig_check
+        auto.from_pretrained = orig_from_pretrained
+
+
+def load_processor(path: str | Path, **kwargs):
+    """``AutoProcessor.from_pretrained(path)`` with two repairs for transformers 5.x.
+
+    * Qwen2-VL-style folders load without torchvision (see ``torchvision_free_video_processors``).
+    * A processor whose class drops the chat template (``InstructBlipProcessor.__init__`` does not pass
+      ``chat_template`` on) gets the tokenizer's template, so ``processor.apply_chat_template`` works.
+    """
+    from transformers import AutoProcessor
+
+    with torchvision_free_video_processors():
+        processor = AutoProcessor.from_pretrained(path, **kwargs)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if getattr(processor, "chat_template", None) is None and getattr(tokenizer, "chat_template", None):
+        processor.chat_template = tokenizer.chat_template
+    return processor
