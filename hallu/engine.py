@@ -22,7 +22,6 @@ design notes records why this layout and no other.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,25 +264,31 @@ class Engine:
         groups: dict[tuple, list[_Row]] = {}
         for row in batch:
             groups.setdefault(row.request.key(), []).append(row)
+        rendered: dict[int, str] = {}  # n samples of a request share one rendering
+        for row in batch:
+            if id(row.request) not in rendered:
+                rendered[id(row.request)] = self.render(row.request)
         firsts = [g[0] for g in groups.values()]
-        first_texts = [self.render(r.request) for r in firsts]
         images = [img for r in firsts for img in self._images(r.request)]
-        enc = self.processor(images=images or None, text=first_texts, padding=True, return_tensors="pt",
-                             return_text_replacement_offsets=True)
+        enc = self.processor(images=images or None, text=[rendered[id(r.request)] for r in firsts], padding=True,
+                             return_tensors="pt", return_text_replacement_offsets=True)
         offsets = enc.pop("text_replacement_offsets", None)
         if offsets is None and images:
             raise _FallBack("processor gives no image replacement strings")
         image_inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids",
                                                                   "mm_token_type_ids")}
         image_token = getattr(self.processor, "image_token", None)
+        image_token_id = self.tokenizer.convert_tokens_to_ids(image_token) if image_token else None
+        # Tokenize the short, unexpanded prompts once each and splice in each image's replacement ids
+        # (tokenized once per image): tokenizing 256 image tokens per question costs more than the
+        # rest of the encoding. The check below proves the result equals the processor's own ids.
+        unique = list(dict.fromkeys(rendered.values()))
+        unexpanded = dict(zip(unique, self.tokenizer(unique)["input_ids"], strict=True))
         for group, offs in zip(groups.values(), offsets or [[]] * len(firsts), strict=True):
             replacements = [o["replacement"] for o in offs if o["type"] == "image"]
-            texts = [self.render(r.request) for r in group]
-            expanded = [_expand(t, image_token, replacements) for t in texts]
-            # Processors tokenize with the tokenizer's defaults; the check below proves we did the same.
-            ids = self.tokenizer(expanded)["input_ids"]
-            for r, i in zip(group, ids, strict=True):
-                r.ids = list(i)
+            runs = self.tokenizer(replacements, add_special_tokens=False)["input_ids"] if replacements else []
+            for r in group:
+                r.ids = _splice(unexpanded[rendered[id(r.request)]], image_token_id, runs)
         if not self._verified:
             # Our expansion must equal the processor's own encoding, token for token; checked once.
             am = enc["attention_mask"]
@@ -320,8 +325,9 @@ class Engine:
             g_mask[g, pmax - p :] = 1
         g_pos = (g_mask.cumsum(-1) - 1).clamp(min=0)
         inputs = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in image_inputs.items()}
+        # Only the cache is wanted from the prefix: logits_to_keep=1 skips the LM head on every other position.
         out = self.model(input_ids=g_ids.to(dev), attention_mask=g_mask.to(dev), position_ids=g_pos.to(dev),
-                         use_cache=True, **inputs)
+                         use_cache=True, logits_to_keep=1, **inputs)
         cache = out.past_key_values
         # Rows in batch order, each pointing at its group's cache row.
         rows, owner = [], []
@@ -338,7 +344,7 @@ class Engine:
             mask[k, pmax - p : pmax] = 1
             ids[k, pmax + smax - len(suffix) :] = torch.tensor(suffix)
             mask[k, pmax + smax - len(suffix) :] = 1
-        return rows, cache, torch.tensor(owner, device=dev), ids.to(dev), mask.to(dev), pmax
+        return rows, cache, owner, ids.to(dev), mask.to(dev), pmax
 
     def _generate_shared(self, batch: list[_Row], decoding: Decoding) -> list[Generation]:
         try:
@@ -361,7 +367,7 @@ class Engine:
         except _FallBack:
             self.share_prefix = False
             return self._last_logits_plain(batch)
-        cache.batch_select_indices(owner)
+        cache.batch_select_indices(torch.tensor(owner, device=ids.device))
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids[:, pmax:], attention_mask=mask, position_ids=pos[:, pmax:],
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -392,16 +398,20 @@ class _FallBack(Exception):
     """The shared-prefix path does not apply to this model/processor; use the plain path."""
 
 
-def _expand(text: str, image_token: str | None, replacements: list[str]) -> str:
-    if not replacements:
-        return text
-    pieces = re.split(re.escape(image_token), text)
-    if len(pieces) - 1 != len(replacements):
+def _splice(ids: list[int], image_token_id: int | None, runs: list[list[int]]) -> list[int]:
+    """Replace the k-th image token of ``ids`` by the k-th run of expanded image ids."""
+    if not runs:
+        return list(ids)
+    at = [i for i, t in enumerate(ids) if t == image_token_id]
+    if len(at) != len(runs):
         raise _FallBack("image tag count differs between prompts of one image group")
-    out = [pieces[0]]
-    for rep, piece in zip(replacements, pieces[1:], strict=True):
-        out += [rep, piece]
-    return "".join(out)
+    out: list[int] = []
+    last = 0
+    for pos, run in zip(at, runs, strict=True):
+        out += ids[last:pos]
+        out += run
+        last = pos + 1
+    return out + ids[last:]
 
 
 def _common_prefix_len(seqs: list[list[int]]) -> int:
@@ -422,20 +432,28 @@ def _branch_cache(config, cache, owner, max_len: int):
     writing into preallocated tensors in place removes that copy, which is most of a decode step on CPU.
     Falls back to the dynamic cache when the model has layers a plain static layer does not describe.
     """
+    import torch
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
 
     static = StaticCache(config=config, max_cache_len=max_len)
     if len(static.layers) != len(cache.layers) or any(type(layer) is not StaticLayer for layer in static.layers):
-        cache.batch_select_indices(owner)
+        cache.batch_select_indices(torch.tensor(owner, device=cache.layers[0].keys.device))
         return cache
+    # Rows of a group are contiguous (the batch is laid out group by group): copy each group's prefix
+    # row into its block of rows with one broadcast copy, no gathered temporary.
+    spans = []
+    bounds = [0] + [i for i in range(1, len(owner)) if owner[i] != owner[i - 1]] + [len(owner)]
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        spans.append((owner[start], start, end))
     for dyn, st in zip(cache.layers, static.layers, strict=True):
-        keys, values = dyn.keys.index_select(0, owner), dyn.values.index_select(0, owner)
-        n = keys.shape[2]
+        n = dyn.keys.shape[2]
         # Allocate through the layer so its bookkeeping (dtype, device, heads) is its own; the unused
         # tail stays zero, which matters: masked slots are multiplied by 0, and 0 * NaN would leak.
-        st.lazy_initialization(keys, values)
-        st.keys[:, :, :n] = keys
-        st.values[:, :, :n] = values
+        rows = len(owner)
+        st.lazy_initialization(dyn.keys[:1].expand(rows, -1, -1, -1), dyn.values[:1].expand(rows, -1, -1, -1))
+        for g, start, end in spans:
+            st.keys[start:end, :, :n].copy_(dyn.keys[g : g + 1].expand(end - start, -1, -1, -1))
+            st.values[start:end, :, :n].copy_(dyn.values[g : g + 1].expand(end - start, -1, -1, -1))
         st.cumulative_length.fill_(n)
     return static
