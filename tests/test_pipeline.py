@@ -254,12 +254,21 @@ def test_demo_runs_the_slice(tmp_path):
     assert len(read_records(tmp_path / "demo" / "rollout" / "responses.jsonl", Response)) == 6
 
 
+def test_eval_help_lists_the_benchmarks():
+    r = cli("eval", "--help")
+    assert r.exit_code == 0
+    for name in ("pope", "chair", "shr", "compare"):
+        assert f" {name} " in r.output
+
+
 def test_help_is_light_and_lists_only_built_commands():
     code = ("import sys, hallu.commands; from typer.testing import CliRunner; "
             "r = CliRunner().invoke(hallu.commands.app, ['--help']); print(r.output); "
             "print('HEAVY' if {'torch', 'transformers'} & set(sys.modules) else 'LIGHT')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("LIGHT"), "hallu --help must not import torch or transformers"
-    for name in ("prepare", "rollout", "status", "demo"):
+    for name in ("prepare", "rollout", "eval", "status", "demo"):
         assert f" {name} " in out
+    for missing in ("revise", "sft", "dpo", "merge-lora"):
+        assert f" {missing} " not in out, f"{missing} is not built yet and must not be registered"
     assert Path(sys.executable).exists()
