@@ -700,6 +700,12 @@ def build_tiny_model(
     t0 = time.perf_counter()
     import torch
 
+    if not torch.cuda.is_available():
+        # save_pretrained imports deepspeed (through accelerate), which warns that it "fell back" to the CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a sub-second save needs no "Writing model shards" bar
     model_fn, processor, tok, info = builder(corpus, size, _SIZES[size])
     n_image = _count_image_tokens(processor, info["image_token"])
     if n_image != info.pop("expected_image_tokens"):
