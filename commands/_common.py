@@ -68,3 +68,6 @@ TrustOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow the model folder's own Python code to run (off by default).")
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per forward pass.")]
+EvalOutOpt = Annotated[
+    Path | None, typer.Option("--out", help="Run folder for generations.jsonl and results.json (with --model).")
+]

@@ -17,6 +17,7 @@ from hallu.commands._common import (
     BatchOpt,
     DeviceOpt,
     DtypeOpt,
+    EvalOutOpt,
     TrustOpt,
     boundary,
     err_console,
@@ -61,9 +62,7 @@ def chair(
     ] = "error",
     model: Annotated[Path | None, typer.Option("--model", help="Caption the images with this model first.")] = None,
     images: Annotated[Path | None, typer.Option("--images", help="Image folder (e.g. COCO val2014).")] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Run folder for generations.jsonl and results.json.")
-    ] = None,
+    out: EvalOutOpt = None,
     n_images: Annotated[int, typer.Option("--n-images", min=1, help="Images drawn (seeded) from --images.")] = 500,
     seed: Annotated[int, typer.Option(help="Seed of the image draw (OPERA uses 42).")] = 42,
     prompt: Annotated[str, typer.Option(help="The captioning request.")] = "Please describe this image in detail.",

@@ -24,6 +24,7 @@ from hallu.commands._common import (
     BatchOpt,
     DeviceOpt,
     DtypeOpt,
+    EvalOutOpt,
     TrustOpt,
     boundary,
     err_console,
@@ -67,9 +68,7 @@ def pope(
     images: Annotated[
         Path | None, typer.Option("--images", help="Folder holding the question files' images.")
     ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Run folder for generations.jsonl and results.json.")
-    ] = None,
+    out: EvalOutOpt = None,
     mode: Annotated[
         str, typer.Option("--mode", help="generate (the official protocol) or choice (Yes/No logits, one forward).")
     ] = "generate",
