@@ -116,7 +116,6 @@ class Engine:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        self._image_cache: dict[str, Any] = {}
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto", attn: str = "sdpa",
@@ -159,7 +158,7 @@ class Engine:
         use_prefix = self.share_prefix and decoding.num_beams == 1
         for batch in self._batches(rows, by_image=use_prefix):
             with torch.inference_mode():
-                if use_prefix:
+                if use_prefix and self.share_prefix:  # share_prefix turns off if the first check fails
                     out = self._generate_shared(batch, decoding)
                 else:
                     out = self._generate_plain(batch, decoding)
