@@ -1,6 +1,7 @@
 """`hallu demo`: the pipeline, end to end, on the offline shapes world with a tiny model.
 
-Today the loop is prepare -> tiny model -> rollout; each later stage joins the demo when it lands.
+Today the loop is prepare -> tiny model -> rollout -> eval (POPE, CHAIR); each later stage joins the
+demo when it lands.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from hallu.commands._common import err_console
+from hallu.commands._common import err_console, out_console
 
 
 def demo(
@@ -19,17 +20,38 @@ def demo(
     n: Annotated[int, typer.Option("--n", min=1, help="Rollout samples per prompt.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed for the world, the model and sampling.")] = 0,
 ) -> None:
-    """Run the whole loop offline on the shapes world with a tiny random model (minutes on a laptop CPU)."""
-    from hallu.commands import prepare, status
+    """Run the whole loop offline on the shapes world with a tiny random model (a minute on a laptop CPU)."""
+    from hallu.commands import eval_chair, prepare, status
+    from hallu.evals import chair, pope
     from hallu.manifest import Run
     from hallu.rollout import RolloutOptions, rollout
 
     err_console.rule("[bold]hallu demo[/]: the shapes world")
     prepare.shapes(out=out, images=images, seed=seed)
+    data = out / "data"
     model = out / "models" / "tiny-llava"
     if not (model / "config.json").exists():
         prepare.tiny_model(family="llava", out=model, seed=seed)
+
     err_console.rule("rollout")
     result = rollout(Run(out), model, None, RolloutOptions(n=n, max_new_tokens=32, batch_size=16, seed=seed))
     err_console.print(f"[green]rollout[/]: {result['responses']} responses in {result['path']}")
     status.status(run=out)
+
+    err_console.rule("eval: POPE (held-out images) and CHAIR")
+    knobs = dict(max_new_tokens=16, batch_size=32, device="auto", dtype="auto", attn="sdpa", trust_remote_code=False)
+    entries = pope.read_objects_file(data / "pope" / "objects.jsonl")
+    eligible = sum(len(e.objects) >= pope.DEFAULT_SAMPLE_NUM for e in entries)
+    if eligible:
+        built = pope.build(entries, seed=seed, images_per_split=min(50, eligible))
+        files = pope.write_build(built, out / "pope", dataset="shapes")
+        questions = [files[f"shapes_pope_{s}.json"] for s in pope.SPLITS]
+        res, path = pope.evaluate_model(questions, model, data / "images", out / "eval-pope", "pope-official",
+                                        False, dict(knobs, mode="generate", answer_suffix="none"))
+        mean = res["mean"] if len(res["splits"]) > 1 else next(iter(res["splits"].values()))["metrics"]
+        err_console.print(f"[green]POPE[/] (mean over splits): accuracy {mean['accuracy']:.3f}, "
+                          f"F1 {mean['f1'] if mean['f1'] is None else round(mean['f1'], 3)} -> {path}")
+    res, path = chair.evaluate_model(model, data / "images", data / "annotations", out / "eval-chair", False,
+                                     knobs, n_images=min(50, images))
+    out_console.print(eval_chair.metrics_table(res))
+    err_console.print(f"[green]CHAIR[/] -> {path}. A random model describes nothing; later stages train it.")
