@@ -22,6 +22,7 @@ def demo(
 ) -> None:
     """Run the whole loop offline on the shapes world with a tiny random model (a minute on a laptop CPU)."""
     from hallu.commands import eval_chair, prepare, status
+    from hallu.errors import HalluError
     from hallu.evals import chair, pope
     from hallu.manifest import Run
     from hallu.rollout import RolloutOptions, rollout
@@ -42,8 +43,12 @@ def demo(
     knobs = dict(max_new_tokens=16, batch_size=32, device="auto", dtype="auto", attn="sdpa", trust_remote_code=False)
     entries = pope.read_objects_file(data / "pope" / "objects.jsonl")
     eligible = sum(len(e.objects) >= pope.DEFAULT_SAMPLE_NUM for e in entries)
-    if eligible:
-        built = pope.build(entries, seed=seed, images_per_split=min(50, eligible))
+    try:
+        built = pope.build(entries, seed=seed, images_per_split=min(50, eligible)) if eligible else None
+    except HalluError as e:  # a world too small to draw negatives from
+        err_console.print(f"[yellow]POPE skipped[/]: {e}")
+        built = None
+    if built is not None:
         files = pope.write_build(built, out / "pope", dataset="shapes")
         questions = [files[f"shapes_pope_{s}.json"] for s in pope.SPLITS]
         res, path = pope.evaluate_model(questions, model, data / "images", out / "eval-pope", "pope-official",
