@@ -64,12 +64,24 @@ def is_main_process() -> bool:
 # Artifacts: a file or a folder, identified by a digest
 
 
+_FINGERPRINTS: dict[tuple[str, tuple[int, int]], str] = {}
+
+
 def dir_fingerprint(path: Path) -> str:
     """Digest of a folder (a model): small files in full, big weight files by size, head and tail.
 
     Hashing 15 GB of weights on every ``status`` would take minutes; size plus the first and last MiB
-    of each shard changes whenever a checkpoint is rewritten, which is what staleness needs.
+    of each shard changes whenever a checkpoint is rewritten, which is what staleness needs. Memoised
+    per process by (size, newest mtime): a stage, its engine and its results all ask for it.
     """
+    path = Path(path)
+    key = (str(path.resolve()), tuple(_stat_key(path)))
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = _fingerprint(path)
+    return _FINGERPRINTS[key]
+
+
+def _fingerprint(path: Path) -> str:
     parts: list[str] = []
     for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
         rel = f.relative_to(path).as_posix()
