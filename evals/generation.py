@@ -94,10 +94,17 @@ class ModelEval:
 
     @contextmanager
     def stage(self, options: dict, inputs: dict) -> Iterator[StageRun]:
+        if self.rescore:
+            # Checked before the stage starts, so a refused rescore leaves the finished run as it was.
+            from hallu.manifest import artifact_digest
+
+            recorded = {k: a["digest"] for k, a in self.run.stage_record(self.stage_name).get("inputs", {}).items()}
+            changed = [k for k, p in inputs.items()
+                       if not Path(p).exists() or recorded.get(k) != artifact_digest(Path(p))]
+            if changed or set(recorded) != set(inputs):
+                raise HalluError(f"--rescore: {', '.join(changed) or 'the inputs'} changed since the run in "
+                                 f"{self.run.dir}; run with --model again")
         with self.run.stage(self.stage_name, options=options, inputs=inputs) as st:
-            if self.rescore and st.fresh:
-                raise HalluError(f"--rescore: the inputs changed since the run in {self.run.dir}; "
-                                 "run with --model again")
             yield st
 
 

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +87,19 @@ def test_pope_generate_scores_three_splits_and_asks_shared_questions_once(world,
     assert rescored["parser"] == "strict"
     assert [i["answer"] for i in rescored["items"]] == [i["answer"] for i in result["items"]]
     assert Run(out).views()[0].status == "done"
+
+    # A changed question file makes the stored answers unusable: refused, and the run stays as it was.
+    questions = json.loads((out / "manifest.json").read_text())["stages"]["eval-pope"]["options"]["questions"]
+    q0 = Path(questions[0])
+    original = q0.read_bytes()
+    try:
+        q0.write_bytes(original.replace(b"Is there", b"Is there really", 1))
+        manifest = (out / "manifest.json").read_bytes()
+        r = cli("eval", "pope", "--rescore", "--out", out)
+        assert r.exit_code == 2 and "questions_0 changed since the run" in r.output
+        assert (out / "manifest.json").read_bytes() == manifest
+    finally:
+        q0.write_bytes(original)
 
 
 def test_pope_choice_mode(world, tmp_path):
