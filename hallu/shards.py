@@ -24,11 +24,13 @@ class JsonlShard:
     def open(self, fresh: bool = False) -> list[str]:
         """Prepare for appending; return the ids already written (in file order).
 
-        ``fresh`` discards what an earlier attempt wrote (its options or inputs differ).
+        ``fresh``: what an earlier attempt wrote was made with other options or inputs; it is set aside as
+        ``<name>.previous.jsonl`` (replacing an older one) rather than deleted, so a mistyped option
+        never costs a finished rollout.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if fresh and self.path.exists():
-            self.path.unlink()
+            os.replace(self.path, self.previous_path)
         done: list[str] = []
         if self.path.exists():
             data = self.path.read_bytes()
@@ -50,6 +52,10 @@ class JsonlShard:
                     ) from None
         self._f = open(self.path, "a", encoding="utf-8")
         return done
+
+    @property
+    def previous_path(self) -> Path:
+        return self.path.with_name(self.path.stem + ".previous" + self.path.suffix)
 
     def append(self, records: list[dict]) -> None:
         if not records:

@@ -130,10 +130,11 @@ def test_shard_corrupt_middle_line_is_an_error(tmp_path):
         JsonlShard(path).open()
 
 
-def test_shard_fresh_discards(tmp_path):
+def test_shard_fresh_sets_the_old_output_aside(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text('{"id": "a"}\n')
     shard = JsonlShard(path)
     assert shard.open(fresh=True) == []
     shard.close()
     assert path.read_text() == ""
+    assert (tmp_path / "out.previous.jsonl").read_text() == '{"id": "a"}\n'
