@@ -163,7 +163,7 @@ def _report(result: dict, json_out: Path | None) -> None:
     splits = result["splits"]
     names = list(splits)
     prefix, heads = _short_names(names)
-    title = f"POPE {prefix.rstrip('_')} ({result['parser']} parser), rates in %"
+    title = " ".join(filter(None, ["POPE", prefix.rstrip("_"), f"({result['parser']} parser), rates in %"]))
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     columns = [splits[n]["metrics"] for n in names]
