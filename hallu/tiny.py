@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hallu.coco import CATEGORY_NAMES
 from hallu.processors import (  # noqa: F401 - load_processor is part of this module's API
     _QWEN_VIDEO_DEFAULTS,
     _make_video_processor,
@@ -41,18 +42,8 @@ from hallu.processors import (  # noqa: F401 - load_processor is part of this mo
 FAMILIES: tuple[str, ...] = ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "instructblip", "idefics3")
 SIZES: tuple[str, ...] = ("tiny", "bench")
 
-# The 80 COCO category names (CHAIR and POPE speak in these words; the shapes world draws them).
-COCO_CATEGORIES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase",
-    "scissors", "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
+# The 80 COCO category names (CHAIR and POPE speak in these words), from the one list in hallu.coco.
+COCO_CATEGORIES: tuple[str, ...] = CATEGORY_NAMES
 
 _FUNCTION_WORDS = (
     "a an the this that these those there here is are was were be been being it its they them their "
