@@ -18,19 +18,57 @@ from hallu.errors import HalluError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, with the permissions a plain ``open()`` would give.
+
+    Any OS failure (read-only place, a file in the way of the folder, a folder at the path, a full
+    disk) becomes one HalluError naming the path, and nothing is left behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise HalluError(f"{path}: is a folder; give a file path to write")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # mkstemp creates 0600; outputs on a shared machine should be as readable as any other file.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+    except OSError as e:
+        raise HalluError(f"{path}: cannot write ({_reason(e, path)})") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def _reason(e: OSError, path: Path | None = None) -> str:
+    """Why an OS call failed, in words; for "not a directory", which file is in the folder's way."""
+    if isinstance(e, FileExistsError | NotADirectoryError) and path is not None:
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    return f"{parent} is a file, not a folder"
+                break
+    return e.strerror or str(e) or type(e).__name__
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (os.umask alone must set it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -159,7 +197,10 @@ class StagedDir:
         if self.final.exists() and not self.final.is_dir():
             raise HalluError(f"{self.final}: is a file, expected a folder")
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as e:
+            raise HalluError(f"{self.final}: cannot write ({_reason(e, self.tmp)})") from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -167,14 +208,17 @@ class StagedDir:
 
         try:
             if exc is None:
-                self.final.mkdir(parents=True, exist_ok=True)
-                for entry in sorted(self.tmp.iterdir()):
-                    dest = self.final / entry.name
-                    if dest.is_dir() and not dest.is_symlink():
-                        shutil.rmtree(dest)
-                    elif dest.exists():
-                        dest.unlink()
-                    os.replace(entry, dest)
+                try:
+                    self.final.mkdir(parents=True, exist_ok=True)
+                    for entry in sorted(self.tmp.iterdir()):
+                        dest = self.final / entry.name
+                        if dest.is_dir() and not dest.is_symlink():
+                            shutil.rmtree(dest)
+                        elif dest.exists():
+                            dest.unlink()
+                        os.replace(entry, dest)
+                except OSError as e:
+                    raise HalluError(f"{self.final}: cannot write ({_reason(e, self.final)})") from None
                 _fsync_dir(self.final)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)

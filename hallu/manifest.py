@@ -9,7 +9,8 @@ running one stage.
 
 Staleness is derived, never stored: a done stage is stale when an input it read or an output it wrote
 is no longer the file it recorded, or when an upstream stage it depends on is not done. Digests are
-cached by (size, mtime) so ``hallu status`` does not re-hash unchanged files.
+exact (every byte hashed); big files' digests are remembered across processes by file identity
+(:mod:`hallu.digests`), so ``hallu status`` does not re-hash unchanged weights.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 
 from hallu import __version__
 from hallu.errors import HalluError
-from hallu.fileio import atomic_write_json, digest_json, read_json, sha256_bytes, sha256_file
+from hallu.digests import file_digest
+from hallu.fileio import atomic_write_json, digest_json, read_json, sha256_bytes
 
 SCHEMA_VERSION = 1
 STATES = ("pending", "running", "done", "failed", "stale")
@@ -33,9 +35,6 @@ PIPELINE = ("prepare", "rollout", "revise", "sft", "dpo", "merge-lora")
 # Operational options that never change a stage's outputs, left out of the options digest.
 OPERATIONAL_OPTIONS = frozenset({"debug", "progress", "quiet"})
 _PROGRESS_WRITE_INTERVAL_S = 2.0
-# Files of a model folder hashed in full; larger ones are fingerprinted by size + head + tail.
-_FULL_HASH_LIMIT = 16 << 20
-_SAMPLE_BYTES = 1 << 20
 
 
 def now_iso() -> str:
@@ -64,45 +63,29 @@ def is_main_process() -> bool:
 # Artifacts: a file or a folder, identified by a digest
 
 
-_FINGERPRINTS: dict[tuple[str, tuple[int, int]], str] = {}
-
-
 def dir_fingerprint(path: Path) -> str:
-    """Digest of a folder (a model): small files in full, big weight files by size, head and tail.
+    """Digest of a folder (a model): the relative path and full sha256 of every file, in sorted order.
 
-    Hashing 15 GB of weights on every ``status`` would take minutes; size plus the first and last MiB
-    of each shard changes whenever a checkpoint is rewritten, which is what staleness needs. Memoised
-    per process by (size, newest mtime): a stage, its engine and its results all ask for it.
+    Exact: a byte changed anywhere in any file changes it. Big files are hashed once and then come from
+    the digest cache while their identity (inode, size, mtime, ctime) is unchanged.
     """
-    path = Path(path)
-    key = (str(path.resolve()), tuple(_stat_key(path)))
-    if key not in _FINGERPRINTS:
-        _FINGERPRINTS[key] = _fingerprint(path)
-    return _FINGERPRINTS[key]
+    return _fingerprint(Path(path))
 
 
 def _fingerprint(path: Path) -> str:
     parts: list[str] = []
     for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        rel = f.relative_to(path).as_posix()
-        size = f.stat().st_size
-        if size <= _FULL_HASH_LIMIT:
-            parts.append(f"{rel}:{sha256_file(f)}")
-        else:
-            with open(f, "rb") as fh:
-                head = fh.read(_SAMPLE_BYTES)
-                fh.seek(-_SAMPLE_BYTES, os.SEEK_END)
-                tail = fh.read(_SAMPLE_BYTES)
-            parts.append(f"{rel}:{size}:{sha256_bytes(head + tail)}")
+        parts.append(f"{f.relative_to(path).as_posix()}:{file_digest(f)}")
     return sha256_bytes("\n".join(parts).encode())
 
 
 def artifact_digest(path: Path) -> str:
-    return dir_fingerprint(path) if path.is_dir() else sha256_file(path)
+    return dir_fingerprint(path) if path.is_dir() else file_digest(path)
 
 
 def _stat_key(path: Path) -> list[int]:
-    """(size, mtime) of a file, or of the newest file in a folder: the cache key for its digest."""
+    """(size, newest mtime) of a file or folder, recorded with an artifact for people reading the
+    manifest; never trusted as a digest (a rewrite can keep both)."""
     if path.is_dir():
         stats = [p.stat() for p in path.rglob("*") if p.is_file()]
         return [sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
@@ -199,12 +182,10 @@ class Run:
         return rec
 
     def current_digest(self, rec: dict) -> str | None:
-        """The digest the artifact has now (cached by size/mtime), or None if it is gone."""
+        """The digest the artifact has now (exact; big files come from the digest cache), or None if gone."""
         p = self.resolve(rec["path"])
         if not p.exists():
             return None
-        if rec.get("stat") == _stat_key(p):
-            return rec.get("digest")
         return artifact_digest(p)
 
     # -- stages ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import os
 import socket
+import tempfile
 
 import pytest
 
@@ -9,6 +10,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Tests never read or fill the user's digest cache (~/.cache/hallu/digests).
+os.environ["HALLU_CACHE_DIR"] = tempfile.mkdtemp(prefix="hallu-test-cache-")
 
 _real_connect = socket.socket.connect
 

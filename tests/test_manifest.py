@@ -170,7 +170,7 @@ def test_manifest_writes_are_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(HalluError, match=r"manifest\.json: cannot write \(disk full\)"):
         with run.stage("b", options={}):
             pass
     assert (tmp_path / "manifest.json").read_text() == before
