@@ -327,7 +327,7 @@ class Engine:
         # Only the cache is wanted from the prefix: logits_to_keep=1 skips the LM head on every other position.
         out = self.model(input_ids=g_ids.to(dev), attention_mask=g_mask.to(dev), position_ids=g_pos.to(dev),
                          use_cache=True, logits_to_keep=1, **inputs)
-        cache = out.past_key_values
+        cache = out.cache
         # Rows in batch order, each pointing at its group's cache row.
         rows, owner = [], []
         for g, group in enumerate(groups):
@@ -352,7 +352,7 @@ class Engine:
             self.share_prefix = False
             return self._generate_plain(batch, decoding)
         cache = _branch_cache(self.model.config, cache, owner, ids.shape[1] + decoding.max_new_tokens)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+        out = self.model.generate(input_ids=ids, attention_mask=mask, cache=cache,
                                   **decoding.generate_kwargs(), pad_token_id=self.pad_id)
         gens = self._decode(rows, out[:, ids.shape[1] :])
         order = {id(r): k for k, r in enumerate(rows)}
@@ -369,7 +369,7 @@ class Engine:
         cache.batch_select_indices(torch.tensor(owner, device=ids.device))
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids[:, pmax:], attention_mask=mask, position_ids=pos[:, pmax:],
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :].float()
         order = {id(r): k for k, r in enumerate(rows)}
         return torch.stack([logits[order[id(r)]] for r in batch])
