@@ -17,7 +17,7 @@ from hallu.commands import eval as _eval
 from hallu.commands import prepare as _prepare
 from hallu.commands import rollout as _rollout
 from hallu.commands import status as _status
-from hallu.commands._common import boundary, state
+from hallu.commands._common import boundary, install_sigterm_handler, state
 
 
 class _PipelineOrder(TyperGroup):
@@ -36,6 +36,8 @@ app = typer.Typer(
     help="The VLM hallucination-reduction loop: prepare -> rollout -> revise -> sft -> dpo -> merge-lora -> eval.",
     no_args_is_help=True,
     add_completion=False,
+    # Help is plain text: rich markup would eat bracketed words such as the "[flash]" extra.
+    rich_markup_mode=None,
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -55,6 +57,7 @@ def _root(
     ] = False,
 ) -> None:
     state.debug = debug or state.debug_from_env()
+    install_sigterm_handler()  # a scheduler's SIGTERM stops a stage resumably, like Ctrl-C
 
 
 app.add_typer(_prepare.app, name="prepare")

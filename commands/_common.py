@@ -10,12 +10,25 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
-from hallu.errors import HalluError
+from hallu.errors import HalluError, Terminated
 
 # Messages and progress go to stderr; stdout carries only results (tables, JSON) so it can be piped.
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
+
+
+def note(label: str, message: str, style: str = "green") -> None:
+    """``label: message`` on stderr, the label styled; ``message`` (paths, user text) is printed
+    verbatim, never read as rich markup (a path like ``runs/[a]`` would vanish or crash the printer)."""
+    err_console.print(Text.assemble((label, style), ": ", str(message)), soft_wrap=True)
+
+
+def plain(text: str) -> str:
+    """User text made safe to embed in a rich markup string."""
+    return escape(str(text))
 
 
 class _State:
@@ -39,13 +52,27 @@ def boundary(fn):
         except HalluError as e:
             if state.debug:
                 raise
-            err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, markup=True)
+            # The message is user text (paths, values): never markup, so "[x]" neither vanishes nor crashes.
+            err_console.print(Text.assemble(("error:", "bold red"), " ", str(e)), soft_wrap=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]; rerun the same command to resume")
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            err_console.print(Text.assemble(("interrupted", "yellow"), "; rerun the same command to resume"))
+            sys.exit(e.exit_code if isinstance(e, Terminated) else 130)
 
     return wrapper
+
+
+def install_sigterm_handler() -> None:
+    """Make SIGTERM stop a command the way Ctrl-C does (resumable, one line, exit 143)."""
+    import signal
+
+    def _terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGTERM on this platform
+        pass
 
 
 RunOpt = Annotated[

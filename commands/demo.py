@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from hallu.commands._common import err_console, out_console
+from hallu.commands._common import err_console, note, out_console
 
 
 def demo(
@@ -22,6 +22,7 @@ def demo(
 ) -> None:
     """Run the whole loop offline on the shapes world with a tiny random model (a minute on a laptop CPU)."""
     from hallu.commands import eval_chair, prepare, status
+    from hallu.data import pope as pope_data
     from hallu.errors import HalluError
     from hallu.evals import chair, pope
     from hallu.manifest import Run
@@ -36,27 +37,27 @@ def demo(
 
     err_console.rule("rollout")
     result = rollout(Run(out), model, None, RolloutOptions(n=n, max_new_tokens=32, batch_size=16, seed=seed))
-    err_console.print(f"[green]rollout[/]: {result['responses']} responses in {result['path']}")
+    note("rollout", f"{result['responses']} responses in {result['path']}")
     status.status(run=out)
 
     err_console.rule("eval: POPE (held-out images) and CHAIR")
     knobs = dict(max_new_tokens=16, batch_size=32, device="auto", dtype="auto", attn="sdpa", trust_remote_code=False)
-    entries = pope.read_objects_file(data / "pope" / "objects.jsonl")
-    eligible = sum(len(e.objects) >= pope.DEFAULT_SAMPLE_NUM for e in entries)
+    entries = pope_data.read_objects_file(data / "pope" / "objects.jsonl")
+    eligible = sum(len(e.objects) >= pope_data.DEFAULT_SAMPLE_NUM for e in entries)
     try:
-        built = pope.build(entries, seed=seed, images_per_split=min(50, eligible)) if eligible else None
+        built = pope_data.build(entries, seed=seed, images_per_split=min(50, eligible)) if eligible else None
     except HalluError as e:  # a world too small to draw negatives from
-        err_console.print(f"[yellow]POPE skipped[/]: {e}")
+        note("POPE skipped", str(e), style="yellow")
         built = None
     if built is not None:
-        files = pope.write_build(built, out / "pope", dataset="shapes")
-        questions = [files[f"shapes_pope_{s}.json"] for s in pope.SPLITS]
+        files = pope_data.write_build(built, out / "pope", dataset="shapes")
+        questions = [files[f"shapes_pope_{s}.json"] for s in pope_data.SPLITS]
         res, path = pope.evaluate_model(questions, model, data / "images", out / "eval-pope", "pope-official",
                                         False, dict(knobs, mode="generate", answer_suffix="none"))
         mean = res["mean"] if len(res["splits"]) > 1 else next(iter(res["splits"].values()))["metrics"]
-        err_console.print(f"[green]POPE[/] (mean over splits): accuracy {mean['accuracy']:.3f}, "
-                          f"F1 {mean['f1'] if mean['f1'] is None else round(mean['f1'], 3)} -> {path}")
+        note("POPE", f"(mean over splits) accuracy {mean['accuracy']:.3f}, "
+                     f"F1 {mean['f1'] if mean['f1'] is None else round(mean['f1'], 3)} -> {path}")
     res, path = chair.evaluate_model(model, data / "images", data / "annotations", out / "eval-chair", False,
                                      knobs, n_images=min(50, images))
     out_console.print(eval_chair.metrics_table(res))
-    err_console.print(f"[green]CHAIR[/] -> {path}. A random model describes nothing; later stages train it.")
+    note("CHAIR", f"-> {path}. A random model describes nothing; later stages train it.")

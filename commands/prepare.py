@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 
 from hallu.commands import prepare_pope
-from hallu.commands._common import boundary, err_console
+from hallu.commands._common import boundary, note
 
-app = typer.Typer(help="Build data sets (shapes, ...) and tiny offline models.", no_args_is_help=True)
+app = typer.Typer(help="Build data sets (shapes, ...) and tiny offline models.", no_args_is_help=True,
+                  rich_markup_mode=None)
 
 
 @app.command("shapes")
@@ -38,10 +39,7 @@ def shapes(
         st.output("images", data / "images", count=summary["images"])
         st.output("annotations", data / "annotations")
         st.extra["summary"] = summary
-    err_console.print(
-        f"[green]shapes world[/]: {summary['images']} images, {summary['objects']} objects, "
-        f"{summary['prompts']} prompts in {data}"
-    )
+    note("shapes world", f"{summary['images']} images, {summary['objects']} objects, {summary['prompts']} prompts in {data}")
 
 
 @app.command("tiny-model")
@@ -67,7 +65,7 @@ def tiny_model(
         raise HalluError(f"--family {family}: unknown; choose one of {', '.join(tiny.FAMILIES)}")
     with StagedDir(out) as tmp:
         info = tiny.build_tiny_model(family, tmp, corpus=tokenizer_corpus(), seed=seed)
-    err_console.print(f"[green]tiny {family}[/]: {info['parameters']:,} parameters in {out}")
+    note(f"tiny {family}", f"{info['parameters']:,} parameters in {out}")
 
 
 app.command("pope")(prepare_pope.pope)

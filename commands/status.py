@@ -19,6 +19,7 @@ def status(
 ) -> None:
     """Show every stage of a run: state, progress, outputs, and why a stage is stale."""
     from rich.table import Table
+    from rich.text import Text
 
     from hallu.errors import HalluError
     from hallu.manifest import Run
@@ -34,7 +35,8 @@ def status(
                  "reasons": v.reasons} for v in views]
         out_console.print_json(json.dumps(rows))
         return
-    table = Table(title=f"run {run}", title_justify="left")
+    # Every cell is Text: stage names, paths and reasons are user text, never rich markup.
+    table = Table(title=Text(f"run {run}"), title_justify="left")
     for col in ("stage", "state", "progress", "details"):
         table.add_column(col)
     for v in views:
@@ -47,5 +49,5 @@ def status(
             )
             if v.record.get("seconds") is not None:
                 details += f" ({v.record['seconds']:.1f} s)"
-        table.add_row(v.name, f"[{_STYLE[v.status]}]{v.status}[/]", prog, details)
+        table.add_row(Text(v.name), Text(v.status, style=_STYLE[v.status]), prog, Text(details))
     out_console.print(table)

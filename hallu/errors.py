@@ -14,3 +14,13 @@ class HalluError(Exception):
     def __init__(self, message: str):
         # One line, always: multi-line messages break the "one clear line" contract of the CLI.
         super().__init__(" ".join(str(message).split()))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and ``kill`` send), raised where Ctrl-C would be.
+
+    It is a KeyboardInterrupt so every stage stops the way it does on Ctrl-C: outputs flushed, the
+    manifest saying "interrupted", a rerun resuming. The CLI exits 143 (128 + SIGTERM) for it.
+    """
+
+    exit_code = 143
