@@ -84,7 +84,8 @@ class _progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         console = Console(stderr=True)
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        # The label may hold user text (a file name): shown verbatim, not as rich markup.
+        self._bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                              TimeRemainingColumn(), console=console, disable=not console.is_terminal)
         self._bar.__enter__()
         task = self._bar.add_task(self.label, total=self.total, completed=self.completed)
