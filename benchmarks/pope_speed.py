@@ -41,8 +41,7 @@ def build_inputs(root: Path, n_images: int, seed: int) -> tuple[Path, Path, Path
     from PIL import Image
 
     from hallu import tiny
-    from hallu.data import shapes
-    from hallu.evals import pope
+    from hallu.data import pope, shapes
 
     world = root / "world"
     # Val images (1 in 5) with >= 3 objects (about half) are POPE-eligible: build enough of them.

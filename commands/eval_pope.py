@@ -49,8 +49,10 @@ def pope(
     ] = None,
     answers: Annotated[
         list[Path] | None,
-        typer.Option("--answers", help="Answers JSONL {question_id, text|answer}: one per --questions in the "
-                                       "same order, or one file whose records carry 'split'."),
+        typer.Option("--answers", help="Answers {question_id, text|answer} (JSONL, JSON array or concatenated "
+                                       "objects): one per --questions in the same order, or one file whose "
+                                       "records carry 'split'. POPE's own {question, answer} files (no ids) "
+                                       "align by position, each question text checked."),
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the full result (metrics, items) here.")
@@ -90,8 +92,8 @@ def pope(
     from hallu.errors import HalluError
     from hallu.evals import pope as P
 
-    if parser not in P.PARSERS:
-        raise HalluError(f"--parser {parser}: unknown; choose one of {', '.join(P.PARSERS)}")
+    # Every choice-valued option is checked first: a typo costs one line and writes nothing.
+    P.check_options(parser, mode, answer_suffix)
     if model is not None or rescore:
         if answers:
             raise HalluError("--answers scores answers made elsewhere; it cannot be combined with --model/--rescore")
@@ -115,24 +117,23 @@ def pope(
 
 def _score_only(questions: list[Path], answers: list[Path], parser: str, answer_key: str | None) -> dict:
     from hallu.evals import pope as P
-    from hallu.fileio import sha256_file
+    from hallu.evals.result import finish
 
     by_split = P.load_questions(questions)
     splits = list(by_split)
-    answer_files = [P.read_answers(a, answer_key) for a in answers]
-    grouped = P.group_answers(answer_files, splits, [str(a) for a in answers])
     if len(answers) == len(splits):
+        # Paired in order: POPE's own id-less answer files can then be aligned with their questions.
+        answer_files = [P.read_answers(a, answer_key, questions=by_split[s], questions_source=str(q))
+                        for a, s, q in zip(answers, splits, questions, strict=True)]
         sources = {s: str(a) for s, a in zip(splits, answers, strict=True)}
     else:
+        answer_files = [P.read_answers(a, answer_key) for a in answers]
         sources = {s: str(answers[0]) for s in splits}
-    result = P.score(by_split, grouped, parser, answer_sources=sources)
-    qset = result["settings"]["questions"]
-    for split, path in zip(splits, questions, strict=True):
-        qset[split].update({"file": str(path), "sha256": sha256_file(path)})
-    result["settings"]["answers"] = [{"file": str(a), "sha256": sha256_file(a)} for a in answers]
+    grouped = P.group_answers(answer_files, splits, [str(a) for a in answers])
+    result = P.record_files(P.score(by_split, grouped, parser, answer_sources=sources), questions, answers)
     if answer_key:
         result["settings"]["answer_key"] = answer_key
-    return result
+    return finish(result)
 
 
 def _fmt(value, rate: bool) -> str:

@@ -1,7 +1,7 @@
 """`hallu prepare pope`: build POPE's random / popular / adversarial question files.
 
 Reproduces the official generator (AoiDragon/POPE @ 08d957b9) draw for draw after ``random.seed(S)``;
-see ``hallu.evals.pope``. Without ``--seed`` a fresh seed is drawn, printed and recorded in
+see ``hallu.data.pope``. Without ``--seed`` a fresh seed is drawn, printed and recorded in
 ``{dataset}_build.json``, so any build can be made again.
 """
 
@@ -57,8 +57,8 @@ def pope(
     {dataset}_co_occur.json, and {dataset}_build.json (seed, settings, digests)."""
     import secrets
 
+    from hallu.data import pope as P
     from hallu.errors import HalluError
-    from hallu.evals import pope as P
     from hallu.fileio import sha256_file
 
     if (objects is None) == (coco_instances is None):

@@ -26,6 +26,7 @@ from hallu.shards import JsonlShard
 
 GENERATIONS = "generations.jsonl"
 RESULTS = "results.json"
+MODES = ("generate", "choice")
 
 
 @dataclass
@@ -55,6 +56,18 @@ class ModelOptions:
         names = {f.name for f in fields(cls)} - {"model", "device", "choices"}
         return cls(model=Path(options["model"]), device=device, choices=tuple(options.get("choices", ("Yes", "No"))),
                    **{k: options[k] for k in names if k in options})
+
+
+def check_model_knobs(knobs: dict) -> None:
+    """Choice-valued model options, checked before a run folder is opened or a model is read, so a typo
+    costs one line and leaves nothing behind."""
+    from hallu.models import ATTN_CHOICES, DTYPE_CHOICES
+
+    for option, value, choices in (("--mode", knobs.get("mode", "generate"), MODES),
+                                   ("--dtype", knobs.get("dtype", "auto"), DTYPE_CHOICES),
+                                   ("--attn", knobs.get("attn", "sdpa"), ATTN_CHOICES)):
+        if value not in choices:
+            raise HalluError(f"{option} {value}: unknown; choose one of {', '.join(choices)}")
 
 
 class ModelEval:
@@ -130,8 +143,8 @@ def generate(stage: StageRun, items: list[EvalItem], opts: ModelOptions, image_b
     """
     from hallu.stages import run_batched
 
-    if opts.mode not in ("generate", "choice"):
-        raise HalluError(f"--mode {opts.mode}: choose generate or choice")
+    if opts.mode not in MODES:
+        raise HalluError(f"--mode {opts.mode}: choose one of {', '.join(MODES)}")
     unique: dict[str, EvalItem] = {}
     for it in items:
         unique.setdefault(prompt_key(it), it)
@@ -194,6 +207,10 @@ def load_generations(out_dir: Path) -> dict[str, dict]:
 
 
 def write_results(stage: StageRun, result: dict) -> Path:
+    """Write ``results.json``: always the one :class:`~hallu.records.EvalResult` shape."""
+    from hallu.evals.result import finish
+
+    result = finish(result)
     path = stage.run.dir / RESULTS
     atomic_write_json(path, result)
     stage.output("results", path, count=len(result.get("items", [])))

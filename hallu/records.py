@@ -177,14 +177,86 @@ class EvalItem(Record):
 
 @dataclass
 class EvalResult(Record):
-    """A benchmark's results file: metrics (per split where the benchmark has splits) and items."""
+    """A benchmark's results file (``results.json``, ``--json``): the one shape every benchmark writes,
+    in answer-file and in model mode, and the only one ``hallu eval compare`` reads.
+
+    - ``metrics``: the headline numbers (POPE: the mean over splits; CHAIR, SHR: their only split);
+    - ``splits``: split name -> ``{"metrics", "count", ...}`` (CHAIR and SHR have one split, ``all``);
+    - ``items``: one record per question / caption / image, with the answer and its score;
+    - ``settings``: always ``parser`` (the scoring rule), ``request`` (what the model was asked:
+      ``{"prompt", "decoding", ...}``, null when the answers came from a file), ``model_fingerprint``
+      (null likewise) and ``inputs`` (name -> ``{"path", "sha256"}``, or a list of those); plus each
+      benchmark's own keys;
+    - ``counts``, ``usage`` (judge tokens and cost), ``notes`` (why a metric is null, ...);
+    - POPE keeps ``parser``, ``mean`` (= ``metrics``) and ``pooled`` at the top, where users read them.
+    """
 
     kind: ClassVar[str] = "eval result"
+    SCHEMA: ClassVar[int] = 1
+    REQUIRED_SETTINGS: ClassVar[tuple[str, ...]] = ("parser", "request", "model_fingerprint", "inputs")
     benchmark: str = _field("str")
     metrics: dict = _field("dict", {})
     splits: dict = _field("dict", {})
     items: list[dict] = _field("list[dict]", [])
-    settings: dict = _field("dict", {})  # parser, prompt, decoding, model and question-file digests
+    settings: dict = _field("dict", {})  # parser, request (prompt, decoding), model fingerprint, input digests
+    schema: int = _field("int", 1)
+    counts: dict = _field("dict", {})
+    usage: dict = _field("dict", {})
+    notes: list[str] = _field("list[str]", [])
+    parser: str | None = _field("str?", None)
+    mean: dict | None = _field("dict?", None)
+    pooled: dict | None = _field("dict?", None)
+
+    def validate(self, where: str) -> None:
+        if not self.benchmark:
+            raise HalluError(f"{where}: 'benchmark' is empty")
+        if self.schema > self.SCHEMA:
+            raise HalluError(f"{where}: results schema {self.schema} is newer than this hallu reads "
+                             f"({self.SCHEMA}); upgrade hallu")
+        _check_metrics(self.metrics, f"{where}: metrics")
+        for name, split in self.splits.items():
+            if not isinstance(split, dict) or not isinstance(split.get("metrics"), dict):
+                raise HalluError(f"{where}: splits[{name!r}] must be an object with 'metrics'")
+            count = split.get("count")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise HalluError(f"{where}: splits[{name!r}].count must be a non-negative integer")
+            _check_metrics(split["metrics"], f"{where}: splits[{name!r}].metrics")
+        for key in ("mean", "pooled"):
+            if getattr(self, key) is not None:
+                _check_metrics(getattr(self, key), f"{where}: {key}")
+
+    def missing_settings(self) -> list[str]:
+        return [k for k in self.REQUIRED_SETTINGS if k not in self.settings]
+
+    def to_dict(self) -> dict:
+        # Small things first and the (long) items last, so the file reads from the top.
+        d = dataclasses.asdict(self)
+        order = ("schema", "benchmark", "parser", "metrics", "splits", "mean", "pooled", "counts", "usage",
+                 "notes", "settings", "items")
+        return {k: d[k] for k in order if d[k] is not None}
+
+
+def _check_metrics(metrics: dict, where: str) -> None:
+    for key, value in metrics.items():
+        if value is not None and not _CHECKS["float"](value):
+            raise HalluError(f"{where}.{key} must be a number or null, got {type(value).__name__}")
+
+
+def read_eval_result(path: str | os.PathLike) -> EvalResult:
+    """Load a results file (or a run folder's ``results.json``) as an EvalResult, with one clear line
+    for anything else."""
+    from hallu.fileio import read_json
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+        if not p.exists():
+            raise HalluError(f"{path}: a folder without results.json (not an eval run)")
+    d = read_json(p)
+    if not isinstance(d, dict) or not isinstance(d.get("benchmark"), str):
+        raise HalluError(f"{p}: not a hallu results file (an eval result has 'benchmark', 'metrics', "
+                         "'splits', 'items' and 'settings')")
+    return EvalResult.from_dict(d, str(p))
 
 
 # --------------------------------------------------------------------------------------------------

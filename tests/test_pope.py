@@ -10,6 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from hallu.commands import eval_pope
+from hallu.data.pope import SPLITS
 from hallu.errors import HalluError
 from hallu.evals import pope as P
 
@@ -397,7 +398,7 @@ def _split_files(tmp_path):
     questions = [json.loads(x) for x in LABELS.read_text().splitlines()]
     answers = [json.loads(x) for x in ANSWERS.read_text().splitlines()]
     qfiles, afiles, combined = [], [], []
-    for i, split in enumerate(P.SPLITS):
+    for i, split in enumerate(SPLITS):
         part = slice(60 * i, 60 * (i + 1))
         renumbered = [dict(r, question_id=j + 1) for j, r in enumerate(questions[part])]
         q = _write(tmp_path / f"coco_pope_{split}.json", "".join(json.dumps(r) + "\n" for r in renumbered))

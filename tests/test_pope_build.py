@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from hallu.commands import prepare_pope
 from hallu.errors import HalluError
-from hallu.evals import pope as P
+from hallu.data import pope as P
 
 TEMPLATE = "Is there a {} in the image?"
 
