@@ -6,9 +6,11 @@ then fsync the directory. A crash leaves either the old file or the new one, nev
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,6 +180,28 @@ def read_json_or_jsonl(path: str | os.PathLike) -> tuple[str, Any]:
     if text.lstrip().startswith("["):
         read_json(path)  # raises with the JSON error's line
     return "jsonl", list(iter_jsonl(path))
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Move a superseded output out of the way, never over an older one; return where it went.
+
+    ``responses.jsonl`` becomes ``responses.previous-1.jsonl``, then ``-2``, ...; a folder
+    ``checkpoints`` becomes ``checkpoints.previous-1``. Nothing a user finished is ever deleted.
+    """
+    path = Path(path)
+    stem, suffix = (path.name, "") if path.is_dir() else (path.stem, path.suffix)
+    taken = [int(m.group(1)) for p in path.parent.glob(f"{glob.escape(stem)}.previous-*{glob.escape(suffix)}")
+             if (m := re.fullmatch(re.escape(stem) + r"\.previous-(\d+)" + re.escape(suffix), p.name))]
+    n = max(taken, default=0) + 1
+    while True:
+        dest = path.with_name(f"{stem}.previous-{n}{suffix}")
+        if not dest.exists():
+            try:
+                os.rename(path, dest)
+            except OSError as e:
+                raise HalluError(f"{path}: cannot set the old output aside as {dest.name} ({_reason(e, dest)})") from None
+            return dest
+        n += 1
 
 
 class StagedDir:

@@ -10,27 +10,38 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from hallu.errors import HalluError
+from hallu.fileio import set_aside
 
 
 class JsonlShard:
     def __init__(self, path: str | os.PathLike, key: str = "id"):
         self.path = Path(path)
         self.key = key
+        self.set_aside: Path | None = None  # where open(fresh=True) moved an earlier output
         self._f = None
 
     def open(self, fresh: bool = False) -> list[str]:
         """Prepare for appending; return the ids already written (in file order).
 
         ``fresh``: what an earlier attempt wrote was made with other options or inputs; it is set aside as
-        ``<name>.previous.jsonl`` (replacing an older one) rather than deleted, so a mistyped option
-        never costs a finished rollout.
+        ``<name>.previous-N.jsonl`` (a new N each time, never over an older one) rather than deleted, so
+        a mistyped option never costs a finished rollout, and one line on stderr says where it went.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HalluError(f"{self.path}: cannot write ({e.strerror or e})") from None
         if fresh and self.path.exists():
-            os.replace(self.path, self.previous_path)
+            if self.path.stat().st_size:
+                self.set_aside = set_aside(self.path)
+                print(f"note: {self.path} was made with other options or inputs; kept it as "
+                      f"{self.set_aside.name}", file=sys.stderr, flush=True)
+            else:
+                self.path.unlink()  # an empty file holds nothing to keep
         done: list[str] = []
         if self.path.exists():
             data = self.path.read_bytes()
@@ -52,10 +63,6 @@ class JsonlShard:
                     ) from None
         self._f = open(self.path, "a", encoding="utf-8")
         return done
-
-    @property
-    def previous_path(self) -> Path:
-        return self.path.with_name(self.path.stem + ".previous" + self.path.suffix)
 
     def append(self, records: list[dict]) -> None:
         if not records:

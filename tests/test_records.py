@@ -130,11 +130,19 @@ def test_shard_corrupt_middle_line_is_an_error(tmp_path):
         JsonlShard(path).open()
 
 
-def test_shard_fresh_sets_the_old_output_aside(tmp_path):
+def test_shard_fresh_sets_the_old_output_aside(tmp_path, capsys):
     path = tmp_path / "out.jsonl"
     path.write_text('{"id": "a"}\n')
     shard = JsonlShard(path)
     assert shard.open(fresh=True) == []
     shard.close()
     assert path.read_text() == ""
-    assert (tmp_path / "out.previous.jsonl").read_text() == '{"id": "a"}\n'
+    assert (tmp_path / "out.previous-1.jsonl").read_text() == '{"id": "a"}\n'
+    assert capsys.readouterr().err == f"note: {path} was made with other options or inputs; kept it as out.previous-1.jsonl\n"
+    # A second change keeps the first superseded output too, under the next number.
+    path.write_text('{"id": "b"}\n')
+    with JsonlShard(path) as shard:
+        shard.open(fresh=True)
+    assert (tmp_path / "out.previous-1.jsonl").read_text() == '{"id": "a"}\n'
+    assert (tmp_path / "out.previous-2.jsonl").read_text() == '{"id": "b"}\n'
+    assert "kept it as out.previous-2.jsonl" in capsys.readouterr().err
