@@ -16,6 +16,7 @@ from hallu.commands import demo as _demo
 from hallu.commands import eval as _eval
 from hallu.commands import prepare as _prepare
 from hallu.commands import rollout as _rollout
+from hallu.commands import sft as _sft
 from hallu.commands import status as _status
 from hallu.commands._common import boundary, install_sigterm_handler, state
 
@@ -63,6 +64,7 @@ def _root(
 app.add_typer(_prepare.app, name="prepare")
 app.add_typer(_eval.app, name="eval")
 app.command("rollout")(boundary(_rollout.rollout))
+app.command("sft")(boundary(_sft.sft))
 app.command("status")(boundary(_status.status))
 app.command("demo")(boundary(_demo.demo))
 
