@@ -21,7 +21,7 @@ from typing import Any
 from hallu.errors import HalluError
 from hallu.fileio import atomic_write_json, digest_json, iter_jsonl
 from hallu.manifest import Run, StageRun
-from hallu.records import EvalItem, resolve_image
+from hallu.records import EvalItem, check_images
 from hallu.shards import JsonlShard
 
 GENERATIONS = "generations.jsonl"
@@ -43,12 +43,16 @@ class ModelOptions:
     choices: tuple[str, ...] = ("Yes", "No")
     max_new_tokens: int = 128
     num_beams: int = 1
+    allow_outside_images: bool = False  # operational: see records.resolve_image
 
     def recorded(self) -> dict:
         d = asdict(self)
         d["model"] = str(self.model)
         d["choices"] = list(self.choices)
-        d.pop("device")  # where it ran does not change what it computes
+        from hallu.manifest import OPERATIONAL_OPTIONS
+
+        for k in OPERATIONAL_OPTIONS & set(d):  # e.g. where it ran does not change what it computes
+            d.pop(k)
         return d
 
     @classmethod
@@ -126,13 +130,6 @@ def prompt_key(item: EvalItem) -> str:
     return digest_json({"images": item.images, "text": item.question})[len("sha256:") :][:24]
 
 
-def check_images(items: list[EvalItem], base: Path, where: str) -> None:
-    for it in items:
-        for img in it.images:
-            if not resolve_image(img, base).is_file():
-                raise HalluError(f"{where}: item {it.id}: image {resolve_image(img, base)} not found")
-
-
 def generate(stage: StageRun, items: list[EvalItem], opts: ModelOptions, image_base: Path,
              label: str) -> tuple[dict[str, dict], dict]:
     """Answer every distinct prompt of ``items`` (resumable).
@@ -158,7 +155,7 @@ def generate(stage: StageRun, items: list[EvalItem], opts: ModelOptions, image_b
     if all(k in done for k in keys):
         info = stage.previous.get("generation") or {}
     else:
-        check_images(items, image_base, label)
+        check_images(items, image_base, label, allow_outside=opts.allow_outside_images, what="item")
         engine = _load_engine(opts, image_base)
         first = unique[keys[0]]
         info = {"model": str(opts.model), "model_fingerprint": engine.fingerprint,
@@ -185,7 +182,8 @@ def _load_engine(opts: ModelOptions, image_base: Path):
     from hallu.engine import Engine
 
     return Engine.load(opts.model, device=opts.device, dtype=opts.dtype, attn=opts.attn,
-                       trust_remote_code=opts.trust_remote_code, batch_size=opts.batch_size, image_base=image_base)
+                       trust_remote_code=opts.trust_remote_code, batch_size=opts.batch_size, image_base=image_base,
+                       allow_outside_images=opts.allow_outside_images)
 
 
 def _answer(engine, requests, opts: ModelOptions) -> list[dict]:

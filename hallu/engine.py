@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hallu.errors import HalluError
+from hallu.records import resolve_image  # noqa: I001 - one definition of image paths
 from hallu.records import load_image, user_messages
 
 # Model types whose text positions are plain 1-D and whose image features depend on the image alone.
@@ -103,13 +104,14 @@ class Engine:
     """
 
     def __init__(self, model, processor, *, batch_size: int = 32, share_prefix: bool | None = None,
-                 fingerprint: str = "", image_base: str | os.PathLike = "."):
+                 fingerprint: str = "", image_base: str | os.PathLike = ".", allow_outside_images: bool = False):
         self.model = model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.batch_size = batch_size
         self.fingerprint = fingerprint
         self.image_base = Path(image_base)
+        self.allow_outside_images = allow_outside_images  # see records.resolve_image
         model_type = getattr(model.config, "model_type", "")
         self.share_prefix = (model_type in PREFIX_SHARING_TYPES) if share_prefix is None else share_prefix
         self._verified = False
@@ -135,9 +137,9 @@ class Engine:
         out = []
         for img in request.images:
             if isinstance(img, (str, os.PathLike)):
-                p = Path(img)
-                p = p if p.is_absolute() else self.image_base / p
-                out.append(load_image(p, where=f"request {request.id}"))
+                where = f"request {request.id}"
+                p = resolve_image(str(img), self.image_base, allow_outside=self.allow_outside_images, where=where)
+                out.append(load_image(p, where=where))
             else:
                 out.append(img)
         return out

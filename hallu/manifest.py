@@ -32,8 +32,9 @@ SCHEMA_VERSION = 1
 STATES = ("pending", "running", "done", "failed", "stale")
 # Display order of the pipeline in `hallu status`; stages not listed here (eval runs) follow.
 PIPELINE = ("prepare", "rollout", "revise", "sft", "dpo", "merge-lora")
-# Operational options that never change a stage's outputs, left out of the options digest.
-OPERATIONAL_OPTIONS = frozenset({"debug", "progress", "quiet"})
+# Options that never change a stage's outputs: left out of the recorded options and their digest, so
+# changing one resumes a stage instead of restarting it. The one list every stage uses.
+OPERATIONAL_OPTIONS = frozenset({"debug", "progress", "quiet", "device", "allow_outside_images"})
 _PROGRESS_WRITE_INTERVAL_S = 2.0
 
 

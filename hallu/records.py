@@ -285,9 +285,61 @@ def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
     return len(rows)
 
 
-def resolve_image(image: str, base: str | os.PathLike) -> Path:
+OUTSIDE_FLAG = "--allow-outside-images"
+
+
+def resolve_image(image: str, base: str | os.PathLike, *, allow_outside: bool = False, where: str = "") -> Path:
+    """The file an image path from a record names: the one definition every stage uses.
+
+    Relative paths resolve against ``base``, the data root (the folder of the file that lists them, or
+    ``--images DIR``), and must stay inside it: a downloaded data file must not make hallu open
+    ``../../etc/passwd``. Absolute paths and ``..`` escapes are refused unless ``allow_outside``
+    (``--allow-outside-images``). The check is on the path as written, so symlinks the user placed
+    inside the data root (``images -> /datasets/coco``) are followed.
+    """
+    prefix = f"{where}: " if where else ""
     p = Path(image)
+    if not allow_outside:
+        if p.is_absolute():
+            raise HalluError(f"{prefix}image {image!r} is an absolute path; image paths must be relative to "
+                             f"{base} (pass {OUTSIDE_FLAG} to allow it)")
+        norm = os.path.normpath(image)
+        if norm == os.pardir or norm.startswith(os.pardir + os.sep):
+            raise HalluError(f"{prefix}image {image!r} points outside the data folder {base} "
+                             f"(pass {OUTSIDE_FLAG} to allow it)")
     return p if p.is_absolute() else Path(base) / p
+
+
+def check_images(records: Iterable[Any], base: str | os.PathLike, where: str, *, allow_outside: bool = False,
+                 what: str = "prompt") -> None:
+    """Before any model loads, fail in a second, not after an hour: every image path of ``records``
+    (anything with ``id`` and ``images``) is allowed and names a file, and the first one is an image."""
+    first = None
+    for rec in records:
+        for img in rec.images:
+            here = f"{where}: {what} {rec.id!r}"
+            path = resolve_image(img, base, allow_outside=allow_outside, where=here)
+            if not path.is_file():
+                raise HalluError(f"{here}: image {path} not found")
+            if first is None:
+                first = (here, path)
+    if first is not None:
+        verify_image(first[1], where=first[0])
+
+
+def verify_image(path: str | os.PathLike, where: str = "") -> None:
+    """Check that a file is a readable image (PIL's verify: headers and structure, no full decode)."""
+    from PIL import Image, UnidentifiedImageError
+
+    prefix = f"{where}: " if where else ""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except FileNotFoundError:
+        raise HalluError(f"{prefix}image {path} not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise HalluError(f"{prefix}image {path} cannot be read ({type(e).__name__}: not an image file "
+                         "or a damaged one)") from None
 
 
 def load_image(path: str | os.PathLike, where: str = ""):

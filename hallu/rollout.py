@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hallu.errors import HalluError
 from hallu.manifest import Run
-from hallu.records import Prompt, Response, read_records, resolve_image
+from hallu.records import Prompt, Response, check_images, read_records
 
 
 @dataclass
@@ -29,6 +29,7 @@ class RolloutOptions:
     dtype: str = "auto"
     attn: str = "sdpa"
     trust_remote_code: bool = False
+    allow_outside_images: bool = False
 
 
 def default_prompts(run: Run) -> Path:
@@ -41,16 +42,6 @@ def default_prompts(run: Run) -> Path:
     )
 
 
-def check_images(prompts: list[Prompt], prompts_path: Path) -> None:
-    """Every image must exist before a model is loaded: fail in a second, not after an hour."""
-    base = prompts_path.parent
-    for p in prompts:
-        for img in p.images:
-            path = resolve_image(img, base)
-            if not path.is_file():
-                raise HalluError(f"{prompts_path}: prompt {p.id!r}: image {path} not found")
-
-
 def rollout(run: Run, model: Path, prompts_path: Path | None, opts: RolloutOptions) -> dict:
     from hallu.models import read_model_config
 
@@ -60,12 +51,12 @@ def rollout(run: Run, model: Path, prompts_path: Path | None, opts: RolloutOptio
         raise HalluError(f"{prompts_path}: no prompts in the file")
     if opts.limit is not None:
         prompts = prompts[: opts.limit]
-    check_images(prompts, prompts_path)
+    check_images(prompts, prompts_path.parent, str(prompts_path), allow_outside=opts.allow_outside_images)
     read_model_config(model, opts.trust_remote_code)
     if opts.greedy and opts.n > 1:
         raise HalluError("--greedy with --n > 1 would repeat one answer n times; sample instead")
 
-    options = {k: v for k, v in asdict(opts).items() if k not in ("device",)}
+    options = asdict(opts)  # the stage leaves out what never changes a result (OPERATIONAL_OPTIONS)
     after = ("prepare",) if run.stage_record("prepare") else ()
     with run.stage("rollout", options=options, inputs={"prompts": prompts_path, "model": model},
                    after=after) as st:
@@ -75,7 +66,8 @@ def rollout(run: Run, model: Path, prompts_path: Path | None, opts: RolloutOptio
         st.extra["model"] = {"path": str(model), "fingerprint": None}
         engine = Engine.load(model, device=opts.device, dtype=opts.dtype, attn=opts.attn,
                              trust_remote_code=opts.trust_remote_code,
-                             batch_size=opts.batch_size * opts.n, image_base=prompts_path.parent)
+                             batch_size=opts.batch_size * opts.n, image_base=prompts_path.parent,
+                             allow_outside_images=opts.allow_outside_images)
 
         def work(batch: list[Prompt], index: int) -> list[dict]:
             decoding = Decoding(max_new_tokens=opts.max_new_tokens, do_sample=not opts.greedy,
