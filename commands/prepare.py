@@ -39,7 +39,8 @@ def shapes(
         st.output("images", data / "images", count=summary["images"])
         st.output("annotations", data / "annotations")
         st.extra["summary"] = summary
-    note("shapes world", f"{summary['images']} images, {summary['objects']} objects, {summary['prompts']} prompts in {data}")
+    note("shapes world",
+         f"{summary['images']} images, {summary['objects']} objects, {summary['prompts']} prompts in {data}")
 
 
 @app.command("tiny-model")
@@ -69,3 +70,8 @@ def tiny_model(
 
 
 app.command("pope")(prepare_pope.pope)
+
+# Importers of released data sets (ha-dpo, opa-dpo, rlaif-v, llava-665k, coco, vg, pairs, ...) and `mia`.
+from hallu.commands import prepare_import  # noqa: E402
+
+prepare_import.register(app)

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hallu.errors import HalluError
-from hallu.records import resolve_image  # noqa: I001 - one definition of image paths
-from hallu.records import load_image, user_messages
+from hallu.records import load_image, resolve_image, user_messages
 
 # Model types whose text positions are plain 1-D and whose image features depend on the image alone.
 PREFIX_SHARING_TYPES = frozenset({"llava", "llava_next"})

@@ -199,7 +199,8 @@ def set_aside(path: str | os.PathLike) -> Path:
             try:
                 os.rename(path, dest)
             except OSError as e:
-                raise HalluError(f"{path}: cannot set the old output aside as {dest.name} ({_reason(e, dest)})") from None
+                why = _reason(e, dest)
+                raise HalluError(f"{path}: cannot set the old output aside as {dest.name} ({why})") from None
             return dest
         n += 1
 
