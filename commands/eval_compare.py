@@ -19,11 +19,12 @@ def compare(
     from rich.table import Table
 
     from hallu.evals.compare import load_result, rows, settings_summary
+    from hallu.records import EvalResult
 
     loaded = [load_result(p) for p in results]
-    by_bench: dict[str, list[tuple[str, dict]]] = {}
+    by_bench: dict[str, list[tuple[str, EvalResult]]] = {}
     for name, result in loaded:
-        by_bench.setdefault(result["benchmark"], []).append((name, result))
+        by_bench.setdefault(result.benchmark, []).append((name, result))
     for bench, runs in by_bench.items():
         table = Table(title=f"{bench.upper()} (rates in %)", title_justify="left")
         table.add_column("metric")

@@ -44,8 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from hallu.errors import HalluError
+from hallu.evals.result import file_input, finish, one_split
 
 BENCHMARK = "chair"
+PARSER = "chair-official"  # the official caption -> objects rule (hallu.objects) and CHAIR's formulas
 ANNOTATION_FILES = (
     "instances_train2014.json",
     "instances_val2014.json",
@@ -270,6 +272,11 @@ def score_caption(caption: str, gt_objects: Iterable[str], matcher=None) -> dict
     }
 
 
+def check_unknown_images(policy: str, option: str = "--unknown-images") -> None:
+    if policy not in UNKNOWN_IMAGE_POLICIES:
+        raise HalluError(f"{option} {policy}: unknown; choose one of {', '.join(UNKNOWN_IMAGE_POLICIES)}")
+
+
 def evaluate(
     records: Iterable[Mapping],
     ground_truth: CocoGroundTruth,
@@ -283,9 +290,7 @@ def evaluate(
     """
     from hallu.objects import NORMALISER, TOKENIZER
 
-    if unknown_images not in UNKNOWN_IMAGE_POLICIES:
-        choices = ", ".join(UNKNOWN_IMAGE_POLICIES)
-        raise HalluError(f"unknown_images={unknown_images!r}: choose one of {choices}")
+    check_unknown_images(unknown_images, "unknown_images")
     matcher = ground_truth.matcher
     items: list[dict] = []
     mentions = hallucinated = hall_caps = with_mentions = gt_total = recalled_total = words = 0
@@ -338,20 +343,28 @@ def evaluate(
         "words": words,
     }
     out_settings = {
+        "parser": PARSER,
         "normaliser": NORMALISER,
         "tokenizer": TOKENIZER,
         "synonyms": matcher.digest,
         "annotations": dict(ground_truth.digests),
         "unknown_images": unknown_images,
+        "inputs": {f"annotations:{name}": {"path": str(ground_truth.dir / name), "sha256": digest}
+                   for name, digest in ground_truth.digests.items()},
     }
-    out_settings.update(settings or {})
-    return {
+    for key, value in (settings or {}).items():
+        if key == "inputs":
+            out_settings["inputs"].update(value)
+        else:
+            out_settings[key] = value
+    return finish({
         "benchmark": BENCHMARK,
         "metrics": metrics,
+        "splits": one_split(metrics, n),
         "counts": counts,
         "items": items,
         "settings": out_settings,
-    }
+    })
 
 
 def evaluate_file(
@@ -364,11 +377,10 @@ def evaluate_file(
     ground_truth: CocoGroundTruth | None = None,
 ) -> dict:
     """Score a captions file (any supported format) against a COCO 2014 annotations folder."""
-    from hallu.fileio import sha256_file
-
     records = load_captions(captions, image_id_key=image_id_key, caption_key=caption_key)
     gt = ground_truth or CocoGroundTruth(annotation_dir)
-    settings = {"captions_file": {"path": str(captions), "digest": sha256_file(captions)}}
+    entry = file_input(captions)
+    settings = {"captions_file": {"path": entry["path"], "digest": entry["sha256"]}, "inputs": {"captions": entry}}
     return evaluate(records, gt, unknown_images=unknown_images, settings=settings)
 
 
@@ -435,6 +447,9 @@ def evaluate_model(model: Path | None, images: Path | None, annotation_dir: Path
 
     knobs = dict(knobs)
     device = knobs.pop("device", "auto")
+    # Typos are refused before the run folder is opened or a model is read.
+    check_unknown_images(unknown_images)
+    G.check_model_knobs(knobs)
     ev = G.ModelEval(out, EVAL_STAGE, rescore)
     if not rescore and annotation_dir is None:
         raise HalluError("--coco-annotations DIR is required (COCO 2014 instances and captions files)")
@@ -451,11 +466,12 @@ def evaluate_model(model: Path | None, images: Path | None, annotation_dir: Path
         gens, info = G.generate(st, items, mopts, Path(options["images"]), label="chair")
         records = [{"image_id": image_id_for_file(it.id, gt.file_names), "caption": gens[G.prompt_key(it)]["text"],
                     "key": it.id, "where": f"{G.GENERATIONS}: image {it.id}"} for it in items]
+        decoding = {"do_sample": False, "num_beams": mopts.num_beams, "max_new_tokens": mopts.max_new_tokens}
         settings = {"images": {"folder": options["images"], "n": options["n_images"], "seed": options["seed"],
                                "files": options["image_files"]},
-                    "prompt": options["prompt"],
-                    "decoding": {"do_sample": False, "num_beams": mopts.num_beams,
-                                 "max_new_tokens": mopts.max_new_tokens}, **info}
+                    "prompt": options["prompt"], "decoding": decoding,
+                    "request": {"prompt": options["prompt"], "decoding": decoding,
+                                "chat_template_sha256": info.get("chat_template_sha256")}, **info}
         result = evaluate(records, gt, unknown_images=unknown_images, settings=settings)
-        results_path = G.write_results(st, result)
+        results_path = G.write_results(st, result)  # evaluate() returned the finished shape
     return result, results_path

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from hallu.errors import HalluError
-from hallu.fileio import read_json
+from hallu.records import EvalResult, read_eval_result
 
 # Headline metrics per benchmark, in display order: (key, label, is a rate shown in %).
 HEADLINES = {
@@ -28,47 +28,43 @@ SETTING_KEYS = ("parser", "mode", "answer_suffix", "prompt", "normaliser", "judg
                 "model_fingerprint")
 
 
-def load_result(path: str | os.PathLike) -> tuple[str, dict]:
-    """A result and its display name (the run folder's name, or the file's stem)."""
+def load_result(path: str | os.PathLike) -> tuple[str, EvalResult]:
+    """A result (validated as an :class:`~hallu.records.EvalResult`) and its display name: the run
+    folder's name, or the file's stem."""
     p = Path(path)
-    name = p.name
-    if p.is_dir():
-        p = p / "results.json"
-        if not p.exists():
-            raise HalluError(f"{path}: a folder without results.json (not an eval run)")
-    else:
-        name = p.stem if p.name != "results.json" else p.parent.name
-    result = read_json(p)
-    if not isinstance(result, dict) or result.get("benchmark") not in HEADLINES:
-        raise HalluError(f"{p}: not a hallu results file (no 'benchmark' of {', '.join(HEADLINES)})")
+    name = p.name if p.is_dir() else (p.parent.name if p.name == "results.json" else p.stem)
+    result = read_eval_result(p)
+    if result.benchmark not in HEADLINES:
+        raise HalluError(f"{p}: benchmark {result.benchmark!r} is not one compare knows "
+                         f"({', '.join(HEADLINES)})")
     return name, result
 
 
-def rows(result: dict) -> list[tuple[str, float | None, bool]]:
-    """(label, value, is_rate) rows of one result; POPE gives each split and the mean over splits."""
-    bench = result["benchmark"]
+def rows(result: EvalResult) -> list[tuple[str, float | None, bool]]:
+    """(label, value, is_rate) rows of one result: each split's headline metrics, then (with several
+    splits) the mean over splits; a benchmark with one split shows its metrics unprefixed."""
+    bench = result.benchmark
+    blocks = [(split, entry["metrics"]) for split, entry in result.splits.items()]
+    if len(blocks) > 1:
+        blocks.append(("mean", result.metrics or result.mean or {}))
+    elif bench != "pope" or not blocks:
+        blocks = [("", result.metrics or (blocks[0][1] if blocks else {}))]
     out = []
-    if bench == "pope":
-        blocks = [(split, entry["metrics"]) for split, entry in result["splits"].items()]
-        if len(blocks) > 1:
-            blocks.append(("mean", result.get("mean") or {}))
-        for split, metrics in blocks:
-            short = split.rsplit("_", 1)[-1]
-            for key, label, rate in HEADLINES[bench]:
-                out.append((f"{short} {label}", metrics.get(key), rate))
-    else:
+    for split, metrics in blocks:
+        short = split.rsplit("_", 1)[-1]
         for key, label, rate in HEADLINES[bench]:
-            out.append((label, result["metrics"].get(key), rate))
+            out.append((f"{short} {label}".strip(), metrics.get(key), rate))
     return out
 
 
-def settings_summary(result: dict) -> dict[str, str]:
-    s = result.get("settings", {})
+def settings_summary(result: EvalResult) -> dict[str, str]:
+    s = result.settings
+    request = s.get("request") if isinstance(s.get("request"), dict) else {}
     found = {}
     for key in SETTING_KEYS:
-        value = s.get(key, result.get(key))
+        value = s.get(key, getattr(result, key, None))
         if value is None and key == "prompt":
-            value = (s.get("generation") or {}).get("prompt")
+            value = request.get("prompt") or (s.get("generation") or {}).get("prompt")
         if value is not None:
             text = str(value)
             found[key] = text[:19] if key == "model_fingerprint" else text

@@ -65,9 +65,11 @@ from pathlib import Path
 from typing import Any
 
 from hallu.errors import HalluError
-from hallu.fileio import iter_jsonl, read_json, sha256_bytes
+from hallu.evals.result import finish, one_split
+from hallu.fileio import iter_jsonl, read_json, read_json_or_jsonl, sha256_bytes
 
 OFFICIAL = "opendatalab/HA-DPO@42f72c53 ha_dpo/shr_eval/json_eval.py"
+PARSER = "shr-official"  # post_process_no_revise on the judge's reply, get_metric's formulas
 BENCHMARK_VERSION = 1
 PROMPT_VERSION = "shr-judge-v1"
 _PROMPT_FILES = {"shr-judge-v1": "shr_judge_v1.txt"}
@@ -268,15 +270,37 @@ def load_facts(paths: Sequence[str | Path]) -> dict[str, list[str]]:
 
 
 def load_responses(path: str | Path) -> dict[str, str]:
-    """Model responses ``{"<image_id>": "response"}``."""
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise HalluError(f"{path}: expected one JSON object {{\"<image_id>\": \"response\"}}")
-    for k, v in data.items():
-        if not isinstance(v, str):
-            raise HalluError(f"{path}: response of image {k!r} is {type(v).__name__}, expected a string")
-        _image_id(k, path)
-    return data
+    """Model responses: the official ``{"<image_id>": "response"}``, or JSONL (or a JSON list) of
+    ``{"image_id", "text"}`` records, one per image."""
+    kind, data = read_json_or_jsonl(path)
+    if kind == "json" and isinstance(data, dict) and not {"image_id", "text"} <= set(data):
+        for k, v in data.items():
+            if not isinstance(v, str):
+                raise HalluError(f"{path}: response of image {k!r} is {type(v).__name__}, expected a string")
+            _image_id(k, path)
+        return data
+    if kind == "jsonl":
+        rows = [(f"{path}:{line}", rec) for line, rec in data]
+    elif isinstance(data, list):
+        rows = [(f"{path}: [{i}]", rec) for i, rec in enumerate(data)]
+    elif isinstance(data, dict):  # a one-line JSONL file
+        rows = [(f"{path}:1", data)]
+    else:
+        raise HalluError(f"{path}: expected {{\"<image_id>\": \"response\"}} or JSONL {{\"image_id\", \"text\"}}")
+    out: dict[str, str] = {}
+    first: dict[str, str] = {}
+    for where, rec in rows:
+        if not isinstance(rec, dict) or "image_id" not in rec or "text" not in rec:
+            raise HalluError(f"{where}: expected a record {{\"image_id\", \"text\"}}")
+        if not isinstance(rec["text"], str):
+            raise HalluError(f"{where}: 'text' is {type(rec['text']).__name__}, expected a string")
+        key = str(_image_id(rec["image_id"], where))
+        if key in out:
+            raise HalluError(f"{where}: a second response for image {key} (first at {first[key]})")
+        out[key], first[key] = rec["text"], where
+    if not out:
+        raise HalluError(f"{path}: no responses")
+    return out
 
 
 def load_image_list(path: str | Path) -> list[int]:
@@ -472,6 +496,7 @@ def evaluate(
     decoding = dict(JUDGE_DECODING if decoding is None else decoding)
     template, template_digest = load_judge_prompt(prompt_version)
     settings: dict[str, Any] = {
+        "parser": PARSER,
         "official": OFFICIAL,
         "benchmark_version": BENCHMARK_VERSION,
         "hallu_version": __version__,
@@ -556,14 +581,15 @@ def evaluate(
     metrics, counts = compute_metrics(items)
     if judge is None:
         _drop_judged_metrics(metrics)
-    return {
+    return finish({
         "benchmark": "shr",
         "metrics": metrics,
+        "splits": one_split(metrics, len(items)),
         "counts": counts,
         "usage": usage,
         "items": items,
         "settings": settings,
-    }
+    })
 
 
 def rescore(stored: Mapping[str, Any]) -> dict[str, Any]:
@@ -610,14 +636,16 @@ def rescore(stored: Mapping[str, Any]) -> dict[str, Any]:
     if not settings.get("judged", True):
         _drop_judged_metrics(metrics)
     settings["rescored"] = True
-    return {
+    settings.setdefault("parser", PARSER)
+    return finish({
         "benchmark": "shr",
         "metrics": metrics,
+        "splits": one_split(metrics, len(items)),
         "counts": counts,
         "usage": {},
         "items": items,
         "settings": settings,
-    }
+    })
 
 
 # --- running a model: responses for the SHR images, then the judge ----------------------------------
@@ -644,10 +672,12 @@ def evaluate_model(model: Path | None, images: Path | None, vg_dir: Path, facts:
     the images that have facts, in file order.
     """
     from hallu.evals import generation as G
+    from hallu.evals.result import file_input
     from hallu.records import EvalItem
 
     knobs = {"num_beams": GENERATION_KWARGS["num_beams"], "max_new_tokens": GENERATION_MAX_NEW_TOKENS, **knobs}
     device = knobs.pop("device", "auto")
+    G.check_model_knobs(knobs)  # typos are refused before the run folder is opened or a model is read
     ev = G.ModelEval(out, EVAL_STAGE, rescore=False)
     fact_map = load_facts(facts)
     ids = list(image_ids) if image_ids is not None else [_image_id(k, "facts") for k in fact_map]
@@ -670,10 +700,13 @@ def evaluate_model(model: Path | None, images: Path | None, vg_dir: Path, facts:
         responses = {it.id: gens[G.prompt_key(it)]["text"] for it in items}
         result = evaluate(responses, vg, fact_map, judge, image_ids=ids, format_attempts=format_attempts,
                           inputs=inputs, on_progress=on_progress)
-        result["settings"]["generation"] = {
-            "prompt": options["prompt"],
-            "decoding": {"do_sample": False, "num_beams": mopts.num_beams, "max_new_tokens": mopts.max_new_tokens},
-            **info,
-        }
+        decoding = {"do_sample": False, "num_beams": mopts.num_beams, "max_new_tokens": mopts.max_new_tokens}
+        result["settings"]["generation"] = {"prompt": options["prompt"], "decoding": decoding, **info}
+        result["settings"]["request"] = {"prompt": options["prompt"], "decoding": decoding,
+                                         "chat_template_sha256": info.get("chat_template_sha256")}
+        result["settings"]["model_fingerprint"] = info.get("model_fingerprint")
+        if not inputs:
+            result["settings"]["inputs"] = {k: file_input(p) for k, p in stage_inputs.items()}
+        result = finish(result)
         path = G.write_results(st, result)
     return result, path

@@ -75,10 +75,16 @@ def test_overall_metrics(dev_result):
 
 def test_result_layout(dev_result):
     assert dev_result["benchmark"] == "chair"
-    assert set(dev_result) == {"benchmark", "metrics", "counts", "items", "settings"}
+    # The one EvalResult shape: the keys CHAIR always wrote, plus splits, counts, usage, notes, schema.
+    assert set(dev_result) == {"schema", "benchmark", "metrics", "splits", "counts", "usage", "notes", "items",
+                               "settings"}
     assert set(dev_result["metrics"]) == {"chair_s", "chair_i", "recall", "len"}
+    assert dev_result["splits"] == {"all": {"metrics": dev_result["metrics"], "count": 15}}
     s = dev_result["settings"]
     assert s["normaliser"] == "pattern-3.6"
+    assert s["parser"] == "chair-official" and s["request"] is None and s["model_fingerprint"] is None
+    assert s["inputs"]["captions"]["sha256"] == s["captions_file"]["digest"]
+    assert {k for k in s["inputs"] if k.startswith("annotations:")} == {f"annotations:{n}" for n in C.ANNOTATION_FILES}
     assert set(s["annotations"]) == set(C.ANNOTATION_FILES)
     assert all(d.startswith("sha256:") for d in s["annotations"].values())
     assert s["captions_file"]["digest"].startswith("sha256:")
