@@ -1,0 +1,473 @@
+"""What every `hallu prepare SOURCE` importer shares: reading, images, skips, format sniffing, writing.
+
+An importer is a generator of records (:class:`~hallu.records.Prompt` or
+:class:`~hallu.records.PreferencePair`) built from the files a user downloaded. It reads through an
+:class:`ImportContext`, which
+
+- streams large JSON arrays record by record (:func:`iter_records`), so a 665k-record file is never
+  held as one Python list, and names ``file:line`` for every record;
+- writes images that arrive inline (base64, parquet bytes) once into ``RUN/images/`` under their
+  content digest (:class:`ImageStore`), and finds images given as paths under ``--images`` (:meth:`find_image`);
+- counts records it skips for a missing image (or raises with ``--strict``) and records it filters by
+  the source's own rules (:class:`Tally`);
+- says which other importer's format a file looks like when it is not the expected one (:func:`looks_like`).
+
+:func:`write_import` drains an importer into ``RUN/data/{prompts,pairs}.jsonl`` inside staged folders,
+so bad input leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hallu.errors import HalluError
+from hallu.records import IMAGE_TAG, PreferencePair, Prompt
+
+PROMPTS_FILE = "prompts.jsonl"
+PAIRS_FILE = "pairs.jsonl"
+DATA_DIR = "data"
+IMAGES_DIR = "images"
+# Records live in RUN/data/, inline images in RUN/images/: paths in records are relative to RUN/data/.
+IMAGES_REL = f"../{IMAGES_DIR}"
+
+_CHUNK = 1 << 20
+_PIL_EXT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading JSON arrays and JSON Lines as a stream of (line, record)
+
+
+def iter_records(path: str | os.PathLike, chunk: int = _CHUNK) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line, record)`` from a JSON array or a JSON Lines file, reading ``chunk`` characters at a time.
+
+    A JSON array is decoded one element at a time (``json.JSONDecoder.raw_decode`` on a sliding buffer),
+    so memory stays near one record plus one chunk whatever the file's size. ``line`` is where the
+    element starts. A file that is one JSON object is one record.
+    """
+    from hallu.fileio import iter_jsonl
+
+    path = Path(path)
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise HalluError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise HalluError(f"{path}: is a directory, expected a JSON or JSONL file") from None
+    except OSError as e:
+        raise HalluError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        try:
+            head = f.read(4096)
+        except UnicodeDecodeError:
+            raise HalluError(f"{path}: not UTF-8 text") from None
+        first = head.lstrip()[:1]
+        if first != "[":
+            f.close()
+            if first == "{":
+                yield from iter_jsonl(path)
+                return
+            raise HalluError(f"{path}: expected a JSON array or JSON Lines of objects"
+                             + (", the file is empty" if not first else f", found {first!r} first"))
+        yield from _iter_array(path, f, head, chunk)
+
+
+def _iter_array(path: Path, f, buf: str, chunk: int) -> Iterator[tuple[int, Any]]:
+    decoder = json.JSONDecoder()
+    eof = False
+    base_line = 1  # line number of buf[0]
+    pos = buf.index("[") + 1
+
+    def fill() -> None:
+        nonlocal buf, eof
+        try:
+            more = f.read(max(chunk, len(buf)))  # grow with the buffer: a huge record costs O(n), not O(n^2)
+        except UnicodeDecodeError:
+            raise HalluError(f"{path}:{base_line + buf.count(chr(10))}: not UTF-8 text") from None
+        if not more:
+            eof = True
+        buf += more
+
+    def skip_ws() -> None:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or eof:
+                return
+            fill()
+
+    def line_at(p: int) -> int:
+        return base_line + buf.count("\n", 0, p)
+
+    expect_value = True
+    while True:
+        skip_ws()
+        if pos >= len(buf):
+            raise HalluError(f"{path}:{line_at(pos)}: not valid JSON (the array is not closed)")
+        if buf[pos] == "]":
+            if not expect_value:
+                raise HalluError(f"{path}:{line_at(pos)}: not valid JSON (a ',' before the closing ']')")
+            pos += 1
+            skip_ws()
+            if pos < len(buf):
+                raise HalluError(f"{path}:{line_at(pos)}: not valid JSON (extra data after the array)")
+            return
+        try:
+            value, end = decoder.raw_decode(buf, pos)
+            complete = end < len(buf) or eof  # a number at the buffer's edge may continue in the next chunk
+        except json.JSONDecodeError as e:
+            # A record cut by the buffer's end fails near the end (or as an unterminated string); retry
+            # with more text. An error well inside the buffer is the file's own.
+            truncated = e.pos >= len(buf) - 8 or e.msg.startswith("Unterminated string")
+            if truncated and not eof:
+                complete = False
+            else:
+                raise HalluError(f"{path}:{line_at(e.pos)}: not valid JSON ({e.msg})") from None
+        if not complete:
+            fill()
+            continue
+        yield line_at(pos), value
+        pos = end
+        skip_ws()
+        if pos < len(buf) and buf[pos] == ",":
+            pos += 1
+            expect_value = False
+        elif pos < len(buf) and buf[pos] == "]":
+            expect_value = True
+        else:
+            raise HalluError(f"{path}:{line_at(pos)}: not valid JSON (expected ',' or ']' after an element)")
+        if pos > chunk:  # drop what has been decoded, keeping line numbers right
+            base_line += buf.count("\n", 0, pos)
+            buf = buf[pos:]
+            pos = 0
+
+
+def first_record(path: str | os.PathLike) -> Any:
+    """The first record of a JSON array / JSONL file (for sniffing), without reading the rest."""
+    for _, rec in iter_records(path):
+        return rec
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Which format does a record look like?
+
+
+def looks_like(obj: Any) -> str | None:
+    """Name the importer whose format ``obj`` (a record, or a whole JSON document) has, or None."""
+    if isinstance(obj, list):
+        return looks_like(obj[0]) if obj else None
+    if not isinstance(obj, dict):
+        return None
+    keys = set(obj)
+    if {"images", "annotations"} <= keys:
+        anns = obj.get("annotations") or [{}]
+        if isinstance(anns, list) and anns and isinstance(anns[0], dict) and "caption" in anns[0]:
+            return "coco (captions file)"
+        return "coco (instances file)"
+    if "regions" in keys:
+        return "vg (region_descriptions.json)"
+    if {"image_id", "url"} <= keys:
+        return "vg (image_data.json)"
+    if "AI_json_report" in keys or "AI_pseudo_response" in keys:
+        return "opa-dpo"
+    if "origin_dataset" in keys and {"question", "chosen", "rejected"} <= keys:
+        return "rlaif-v"
+    if "reject" in keys or ("correct" in keys and "question" in keys):
+        return "ha-dpo (pope_data.json)"
+    if isinstance(obj.get("chosen"), list) and isinstance(obj.get("rejected"), list):
+        if all(isinstance(x, str) for x in obj["chosen"]):
+            return "ha-dpo (desc_data.json)"
+        return "pairs (TRL conversational)"
+    if "conversations" in keys:
+        return "pairs (LLaMA-Factory)" if "chosen" in keys else "llava-665k"
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "mia-dpo" if "gt" in keys or isinstance(obj.get("image"), list) else "pairs"
+    # desc_data.json of HA-DPO's LLaVA variant: a dict keyed by image id
+    vals = list(obj.values())[:1]
+    if vals and isinstance(vals[0], dict) and "chosen" in vals[0] and "rejected" in vals[0]:
+        return "ha-dpo (desc_data.json)"
+    return None
+
+
+def require_keys(obj: Any, keys: tuple[str, ...], where: str, fmt: str) -> None:
+    """A record of format ``fmt`` must be an object with ``keys``; the error says what it looks like instead."""
+    if not isinstance(obj, dict):
+        raise HalluError(f"{where}: expected a JSON object ({fmt} record), got {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        other = looks_like(obj)
+        hint = f"; it looks like {other} data (try `hallu prepare {other.split()[0]}`)" if other else ""
+        raise HalluError(f"{where}: not a {fmt} record (missing {', '.join(repr(k) for k in missing)}){hint}")
+
+
+def text_field(obj: dict, key: str, where: str) -> str:
+    v = obj.get(key)
+    if not isinstance(v, str):
+        raise HalluError(f"{where}: field '{key}' must be a string, got {type(v).__name__}")
+    return v
+
+
+def strip_image_tags(text: str) -> str:
+    """A single-image prompt needs no tag (images come first): drop ``<image>`` and the newline after it."""
+    return re.sub(re.escape(IMAGE_TAG) + r"\s*", "", text).strip()
+
+
+def source_bucket(image: str) -> str:
+    """MIA-DPO's source bucket: the first path component (``coco/train2017/x.jpg`` -> ``coco``)."""
+    parts = Path(image).parts
+    return parts[0] if len(parts) > 1 else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Skips, images
+
+
+@dataclass
+class Tally:
+    """Records skipped for missing images (an error with ``strict``) and filtered by a source's own rules."""
+
+    strict: bool = False
+    skipped: Counter = field(default_factory=Counter)
+    filtered: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def skip(self, where: str, reason: str, message: str) -> None:
+        if self.strict:
+            raise HalluError(f"{where}: {message} (--strict stops at the first such record)")
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, f"{where}: {message}")
+
+    def filter(self, reason: str) -> None:
+        self.filtered[reason] += 1
+
+    def summary(self) -> dict:
+        return {"skipped": dict(self.skipped), "filtered": dict(self.filtered), "examples": dict(self.examples)}
+
+
+class ImageStore:
+    """Images carried inline, written once to ``RUN/images/<sha256>.<ext>`` (staged until success)."""
+
+    def __init__(self, staging: Path, final: Path):
+        self.staging = Path(staging)
+        self.final = Path(final)
+        self.written = 0
+        self.reused = 0
+
+    def put(self, data: bytes, where: str) -> str:
+        """Store encoded image bytes; return the record path. Unreadable bytes raise naming ``where``."""
+        import hashlib
+
+        from PIL import Image, UnidentifiedImageError
+
+        if not data:
+            raise HalluError(f"{where}: the inline image is empty")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise HalluError(f"{where}: the inline image cannot be decoded ({type(e).__name__})") from None
+        name = f"{hashlib.sha256(data).hexdigest()}.{_PIL_EXT.get(fmt or '', 'img')}"
+        if (self.final / name).exists() or (self.staging / name).exists():
+            self.reused += 1
+        else:
+            from hallu.fileio import atomic_write_bytes
+
+            atomic_write_bytes(self.staging / name, data)
+            self.written += 1
+        return f"{IMAGES_REL}/{name}"
+
+    def put_base64(self, text: Any, where: str) -> str:
+        if isinstance(text, (bytes, bytearray)):
+            return self.put(bytes(text), where)
+        if not isinstance(text, str):
+            raise HalluError(f"{where}: the inline image must be a base64 string, got {type(text).__name__}")
+        if text.startswith("data:") and "," in text:  # a data URL
+            text = text.split(",", 1)[1]
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise HalluError(f"{where}: the inline image is not valid base64") from None
+        return self.put(data, where)
+
+
+@dataclass
+class ImportContext:
+    """What an importer reads with: its source files, options, the image folder, the store and the tally."""
+
+    sources: list[Path]
+    images_root: Path | None
+    store: ImageStore
+    tally: Tally
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+    progress: Callable[[int], None] = lambda n: None
+
+    def find_image(self, image: str, where: str, base: Path | None = None) -> str | None:
+        """The absolute path of an image named in a record, or None (counted) when it is not on disk."""
+        p = Path(image)
+        if not p.is_absolute():
+            root = self.images_root if self.images_root is not None else base
+            if root is None:
+                raise HalluError(f"{where}: image {image!r} is a relative path; pass --images DIR")
+            p = root / p
+        if not p.is_file():
+            self.tally.skip(where, "missing image", f"image {p} not found")
+            return None
+        return str(p.resolve())
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def prompt_of_pair(pair: PreferencePair) -> Prompt:
+    """The prompt a pair answers, so `hallu rollout` can sample the policy on pair data too."""
+    gt = pair.meta.get("gt")
+    return Prompt(id=pair.id, images=list(pair.images), question=pair.prompt,
+                  reference=gt if isinstance(gt, str) else pair.chosen,
+                  meta={k: v for k, v in pair.meta.items() if k in ("source", "kind", "image_id", "bucket")})
+
+
+@dataclass
+class ImportSummary:
+    prompts: int = 0
+    pairs: int = 0
+    renamed_ids: int = 0
+    images_written: int = 0
+    images_reused: int = 0
+    tally: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"prompts": self.prompts, "pairs": self.pairs, "renamed_duplicate_ids": self.renamed_ids,
+                "images_written": self.images_written, "images_reused": self.images_reused, **self.tally}
+
+
+class _Writer:
+    """Streams records into a JSONL file, making ids unique (real data sets repeat ids, e.g. LLaVA-665k)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "w", encoding="utf-8")
+        self.count = 0
+        self.renamed = 0
+        self._seen: dict[str, int] = {}
+
+    def write(self, rec: Prompt | PreferencePair) -> None:
+        n = self._seen.get(rec.id, 0)
+        self._seen[rec.id] = n + 1
+        if n:
+            rec.meta = {**rec.meta, "original_id": rec.id}
+            rec.id = f"{rec.id}~{n + 1}"
+            self.renamed += 1
+        self.f.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+def write_import(records: Iterator[Prompt | PreferencePair], data_dir: Path, store: ImageStore,
+                 tally: Tally, progress: Callable[[int], None] = lambda n: None) -> ImportSummary:
+    """Drain an importer into ``data_dir/prompts.jsonl`` (and ``pairs.jsonl`` when it yields pairs).
+
+    ``data_dir`` is a staging folder; the caller moves it in only when this returns.
+    """
+    prompts = _Writer(data_dir / PROMPTS_FILE)
+    pairs: _Writer | None = None
+    n = 0
+    try:
+        for rec in records:
+            if isinstance(rec, PreferencePair):
+                if pairs is None:
+                    pairs = _Writer(data_dir / PAIRS_FILE)
+                pairs.write(rec)
+                prompt = prompt_of_pair(rec)
+                prompt.id = rec.id  # the pair's (possibly de-duplicated) id
+                prompts.write(prompt)
+            else:
+                prompts.write(rec)
+            n += 1
+            if n % 1000 == 0:
+                progress(n)
+    finally:
+        prompts.close()
+        if pairs is not None:
+            pairs.close()
+    progress(n)
+    if prompts.count == 0:
+        hint = ""
+        if tally.skipped or tally.filtered:
+            hint = f" (skipped {dict(tally.skipped)}, filtered {dict(tally.filtered)})"
+        example = next(iter(tally.examples.values()), "")
+        raise HalluError(f"no records imported{hint}" + (f"; first skip: {example}" if example else ""))
+    return ImportSummary(prompts=prompts.count, pairs=pairs.count if pairs else 0,
+                         renamed_ids=prompts.renamed, images_written=store.written, images_reused=store.reused,
+                         tally=tally.summary())
+
+
+# --------------------------------------------------------------------------------------------------
+# One import as a `prepare` stage of a run
+
+
+def run_import(source: str, importer: Callable[[ImportContext], Iterator[Prompt | PreferencePair]], out: Path,
+               sources: list[Path], images: Path | None = None, strict: bool = False, seed: int = 0,
+               options: dict | None = None, progress: Callable[[int], None] = lambda n: None) -> dict:
+    """Run ``importer`` as the ``prepare`` stage of the run at ``out``; return the summary.
+
+    Records go to ``RUN/data/``, inline images to ``RUN/images/``; both are staged and moved in only
+    when the whole import succeeded. The manifest records the source files (with digests), the options,
+    the outputs and what was skipped.
+    """
+    import shutil
+
+    from hallu.fileio import StagedDir
+    from hallu.manifest import Run
+
+    out = Path(out)
+    if not sources:
+        raise HalluError(f"prepare {source}: give the downloaded file(s) with --from PATH")
+    for s in sources:
+        if not s.exists():
+            raise HalluError(f"--from {s}: not found")
+    if images is not None and not images.is_dir():
+        raise HalluError(f"--images {images}: not a folder")
+    run = Run(out)
+    opts = {"dataset": source, "from": [str(s.resolve()) for s in sources],
+            "images": str(images.resolve()) if images else None, "strict": strict, "seed": seed, **(options or {})}
+    inputs = {f"from{i}" if len(sources) > 1 else "from": s for i, s in enumerate(sources)}
+    data_final, images_final = out / DATA_DIR, out / IMAGES_DIR
+    with run.stage("prepare", options=opts, inputs=inputs) as st:
+        tally = Tally(strict=strict)
+        with StagedDir(data_final) as data_tmp, StagedDir(images_final) as images_tmp:
+            store = ImageStore(images_tmp, images_final)
+            ctx = ImportContext(sources=list(sources), images_root=images, store=store, tally=tally, seed=seed,
+                                options=options or {}, progress=progress)
+            summary = write_import(importer(ctx), data_tmp, store, tally, progress)
+        # A pairs file from an earlier import of another source would now be wrong: drop it.
+        if summary.pairs == 0:
+            (data_final / PAIRS_FILE).unlink(missing_ok=True)
+        if images_final.is_dir() and not any(images_final.iterdir()):
+            shutil.rmtree(images_final)
+        st.output("prompts", data_final / PROMPTS_FILE, count=summary.prompts)
+        if summary.pairs:
+            st.output("pairs", data_final / PAIRS_FILE, count=summary.pairs)
+        if images_final.is_dir():
+            st.output("images", images_final, count=sum(1 for _ in images_final.iterdir()))
+        result = summary.to_dict()
+        st.extra["summary"] = result
+    return result
