@@ -13,6 +13,7 @@ from typer.core import TyperGroup
 
 from hallu import __version__
 from hallu.commands import demo as _demo
+from hallu.commands import dpo as _dpo
 from hallu.commands import eval as _eval
 from hallu.commands import prepare as _prepare
 from hallu.commands import rollout as _rollout
@@ -65,6 +66,7 @@ app.add_typer(_prepare.app, name="prepare")
 app.add_typer(_eval.app, name="eval")
 app.command("rollout")(boundary(_rollout.rollout))
 app.command("sft")(boundary(_sft.sft))
+app.command("dpo")(boundary(_dpo.dpo))
 app.command("status")(boundary(_status.status))
 app.command("demo")(boundary(_demo.demo))
 
