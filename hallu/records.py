@@ -293,16 +293,15 @@ def resolve_image(image: str, base: str | os.PathLike, *, allow_outside: bool = 
 
     Relative paths resolve against ``base``, the data root (the folder of the file that lists them, or
     ``--images DIR``), and must stay inside it: a downloaded data file must not make hallu open
-    ``../../etc/passwd``. Absolute paths and ``..`` escapes are refused unless ``allow_outside``
-    (``--allow-outside-images``). The check is on the path as written, so symlinks the user placed
-    inside the data root (``images -> /datasets/coco``) are followed.
+    ``../../etc/passwd``; such ``..`` escapes are refused unless ``allow_outside``
+    (``--allow-outside-images``). Absolute paths are taken as written: they are an explicit choice,
+    and hallu's own importers write them for the image folder the user named with ``--images``. The
+    check is on the path as written, so symlinks inside the data root (``images -> /datasets/coco``)
+    are followed.
     """
     prefix = f"{where}: " if where else ""
     p = Path(image)
-    if not allow_outside:
-        if p.is_absolute():
-            raise HalluError(f"{prefix}image {image!r} is an absolute path; image paths must be relative to "
-                             f"{base} (pass {OUTSIDE_FLAG} to allow it)")
+    if not allow_outside and not p.is_absolute():
         norm = os.path.normpath(image)
         if norm == os.pardir or norm.startswith(os.pardir + os.sep):
             raise HalluError(f"{prefix}image {image!r} points outside the data folder {base} "
