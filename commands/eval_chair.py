@@ -18,10 +18,13 @@ from hallu.commands._common import (
     DeviceOpt,
     DtypeOpt,
     EvalOutOpt,
+    GpusOpt,
+    NprocOpt,
     TrustOpt,
     boundary,
     err_console,
     out_console,
+    relaunch_if_asked,
 )
 
 
@@ -77,14 +80,23 @@ def chair(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "sdpa",
     trust_remote_code: TrustOpt = False,
+    nproc: NprocOpt = None,
+    gpus: GpusOpt = None,
 ) -> None:
     """CHAIR (Rohrbach et al. 2018) exactly as the official script computes it: score captions made
     elsewhere (--captions), or caption seeded images with --model first (OPERA's protocol)."""
+    if model is None and (nproc or gpus):
+        from hallu.errors import HalluError
+
+        raise HalluError("--nproc/--gpus: only with --model (scoring stored answers runs in one process)")
+    relaunch_if_asked(nproc, gpus)
     from hallu.errors import HalluError
     from hallu.evals import chair as bench
+    from hallu.evals.generation import check_model_knobs
 
     # Every choice-valued option is checked first: a typo costs one line and writes nothing.
     bench.check_unknown_images(unknown_images)
+    check_model_knobs(dict(dtype=dtype, attn=attn))
     if model is not None or rescore:
         if captions is not None:
             raise HalluError("--captions scores captions made elsewhere; it cannot be combined with --model/--rescore")

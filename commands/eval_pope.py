@@ -25,10 +25,13 @@ from hallu.commands._common import (
     DeviceOpt,
     DtypeOpt,
     EvalOutOpt,
+    GpusOpt,
+    NprocOpt,
     TrustOpt,
     boundary,
     err_console,
     out_console,
+    relaunch_if_asked,
 )
 
 # Rows of the terminal table: (metric key, label, is a rate shown in %).
@@ -86,14 +89,23 @@ def pope(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "sdpa",
     trust_remote_code: TrustOpt = False,
+    nproc: NprocOpt = None,
+    gpus: GpusOpt = None,
 ) -> None:
     """Score POPE answers against question files: accuracy, precision, recall, F1 and yes-ratio per split
     and averaged over splits, under the chosen codebase's parsing rule."""
+    if model is None and (nproc or gpus):
+        from hallu.errors import HalluError
+
+        raise HalluError("--nproc/--gpus: only with --model (scoring stored answers runs in one process)")
+    relaunch_if_asked(nproc, gpus)
     from hallu.errors import HalluError
     from hallu.evals import pope as P
+    from hallu.evals.generation import check_model_knobs
 
     # Every choice-valued option is checked first: a typo costs one line and writes nothing.
     P.check_options(parser, mode, answer_suffix)
+    check_model_knobs(dict(mode=mode, dtype=dtype, attn=attn))
     if model is not None or rescore:
         if answers:
             raise HalluError("--answers scores answers made elsewhere; it cannot be combined with --model/--rescore")

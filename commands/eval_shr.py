@@ -18,10 +18,13 @@ from hallu.commands._common import (
     BatchOpt,
     DeviceOpt,
     DtypeOpt,
+    GpusOpt,
+    NprocOpt,
     TrustOpt,
     boundary,
     err_console,
     out_console,
+    relaunch_if_asked,
 )
 
 _METRIC_ROWS = (
@@ -100,12 +103,22 @@ def shr(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "sdpa",
     trust_remote_code: TrustOpt = False,
+    nproc: NprocOpt = None,
+    gpus: GpusOpt = None,
 ) -> None:
     """Score responses with SHR: a GPT judge checks each sentence against Visual Genome regions and facts."""
+    if model is None and (nproc or gpus):
+        from hallu.errors import HalluError
+
+        raise HalluError("--nproc/--gpus: only with --model (scoring stored answers runs in one process)")
+    relaunch_if_asked(nproc, gpus)
     from hallu.errors import HalluError
     from hallu.evals import shr as bench
+    from hallu.evals.generation import check_model_knobs
     from hallu.fileio import atomic_write_json, read_json, sha256_file
 
+    # Choice-valued options first: a typo costs one line, before any judge, file or model is touched.
+    check_model_knobs(dict(dtype=dtype, attn=attn))
     if model is not None and responses is not None:
         raise HalluError("--responses scores responses made elsewhere; it cannot be combined with --model")
     if model is not None and out is None:

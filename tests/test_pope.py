@@ -446,3 +446,168 @@ def test_cli_errors(tmp_path):
     res = CliRunner().invoke(_app(), [*[x for f in qfiles for x in ("--questions", str(f))],
                                       "--answers", str(afiles[0])])
     _one_error_line(res, "no 'split' field")
+
+
+# --------------------------------------------------------------------------------------------------
+# Official answer formats: POPE's own {question, answer} files, concatenated JSON objects
+
+
+def _official_answers(tmp_path, name="official.jsonl", edit=None):
+    """The realistic answers in POPE's own layout: {"question", "answer"} in question order, no ids."""
+    questions = [json.loads(x) for x in LABELS.read_text().splitlines()]
+    answers = {json.loads(x)["question_id"]: json.loads(x)["text"] for x in ANSWERS.read_text().splitlines()}
+    rows = [{"question": q["text"], "answer": answers[q["question_id"]]} for q in questions]
+    if edit:
+        rows = edit(rows)
+    return _write(tmp_path / name, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_official_answers_align_by_position_after_checking_texts(tmp_path):
+    # Whitespace differences in the echoed question are not a mismatch.
+    f = _official_answers(tmp_path, edit=lambda rows: [dict(r, question="  " + r["question"].replace(" ", "  ") + "\n")
+                                                        for r in rows])
+    qs = P.load_questions([LABELS])
+    (split,) = qs
+    read = P.read_answers(f, questions=qs[split], questions_source=str(LABELS))
+    assert [a.question_id for a in read] == [q.question_id for q in qs[split]]
+    assert read[0].where == f"{f}:1" and read[0].split is None
+    by_position = P.score(qs, P.group_answers([read], [split]), "pope-official")
+    by_id = _realistic("pope-official")
+    assert by_position["items"] == by_id["items"] and by_position["splits"] == by_id["splits"]
+
+
+def test_official_answers_through_the_cli(tmp_path):
+    f = _official_answers(tmp_path)
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(_app(), ["--questions", str(LABELS), "--answers", str(f), "--json", str(out),
+                                      "--parser", "vlmevalkit"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["items"] == _realistic("vlmevalkit")["items"]
+
+
+def test_official_answers_mismatch_names_file_line_and_both_texts(tmp_path):
+    def swap(rows):
+        rows[6], rows[7] = rows[7], rows[6]
+        return rows
+
+    f = _official_answers(tmp_path, edit=swap)
+    questions = [json.loads(x) for x in LABELS.read_text().splitlines()]
+    res = CliRunner().invoke(_app(), ["--questions", str(LABELS), "--answers", str(f)])
+    # Line 7 holds question 8's text: the first mismatch is reported, naming both texts.
+    _one_error_line(res, f"{f}:7:", "answer 7", repr(questions[7]["text"]), repr(questions[6]["text"]),
+                    str(LABELS))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda rows: rows[:-2], r"198 answers for the 200 questions .* question 199 has none"),
+    (lambda rows: rows + [rows[0]], r"official\.jsonl:201: answer 201, but .* has only 200 questions"),
+    (lambda rows: [dict(rows[0], question_id=1)] + rows[1:],
+     r"official\.jsonl:2: no question_id, unlike the records before it"),
+])
+def test_official_answers_count_and_layout_errors(tmp_path, edit, message):
+    f = _official_answers(tmp_path, edit=edit)
+    qs = P.load_questions([LABELS])["pope_labels_realistic"]
+    with pytest.raises(HalluError, match=message):
+        P.read_answers(f, questions=qs, questions_source=str(LABELS))
+
+
+def test_official_answers_need_their_own_question_file(tmp_path):
+    # One id-less answers file for several question files cannot be aligned: said in one line.
+    qfiles, _, _ = _split_files(tmp_path)
+    f = _write(tmp_path / "pos.jsonl", json.dumps({"question": "Is there a dog?", "answer": "yes"}) + "\n")
+    res = CliRunner().invoke(_app(), [*[x for q in qfiles for x in ("--questions", str(q))], "--answers", str(f)])
+    _one_error_line(res, "pos.jsonl:1: no question_id", "one per question file")
+
+
+def _stream(rows, sep):
+    return sep.join(json.dumps(r, indent=2) for r in rows) + "\n"
+
+
+@pytest.mark.parametrize("sep", ["", "\n", "\r\n"])
+def test_concatenated_pretty_printed_objects(tmp_path, sep):
+    qrows = [json.loads(x) for x in LABELS.read_text().splitlines()]
+    arows = [json.loads(x) for x in ANSWERS.read_text().splitlines()]
+    q = _write(tmp_path / "pope_labels_realistic.json", _stream(qrows, sep))
+    a = _write(tmp_path / "answers.json", _stream(arows, sep))
+    qs = P.load_questions([q])
+    assert qs == P.load_questions([LABELS])
+    answers = P.read_answers(a)
+    # Each record is located at the line its object starts on.
+    lines_per_object = json.dumps(arows[0], indent=2).count("\n") + (1 if sep else 0)
+    assert answers[1].where == f"{a}:{1 + lines_per_object}"
+    result = P.score(qs, P.group_answers([answers], list(qs)), "opera")
+    assert result["items"] == _realistic("opera")["items"]
+
+
+def test_concatenated_objects_bad_json_names_its_line(tmp_path):
+    rows = [{"question_id": i, "text": "Yes"} for i in (1, 2)]
+    f = _write(tmp_path / "a.json", _stream(rows, "") + '{\n  "question_id": 3,\n  "text": Yes\n}')
+    text = f.read_text()
+    bad_line = text[: text.index("Yes\n}")].count("\n") + 1
+    with pytest.raises(HalluError, match=rf"a\.json:{bad_line}: not valid JSON"):
+        P.read_answers(f)
+
+
+# --------------------------------------------------------------------------------------------------
+# One parser registry, one result shape
+
+
+def test_one_parser_registry():
+    from hallu.evals import pope_metrics, pope_parsers
+
+    assert list(P.PARSERS) == ["pope-official", "opera", "vcd", "lmms-eval", "vlmevalkit", "strict"]
+    assert P.PARSERS is pope_parsers.PARSERS and set(pope_metrics.METRICS) == set(P.PARSERS)
+    assert P.PARSERS["opera"]("There isn't", None) == "no" and P.PARSERS["pope-official"]("There isn't", None) == "yes"
+    with pytest.raises(HalluError, match="vcd parser needs the question's label"):
+        P.parse_answer("yes", "vcd")
+
+
+def test_score_only_result_is_an_eval_result(tmp_path):
+    from hallu.records import EvalResult, read_eval_result
+
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(_app(), ["--questions", str(LABELS), "--answers", str(ANSWERS), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    loaded = read_eval_result(out)
+    assert isinstance(loaded, EvalResult) and loaded.benchmark == "pope" and loaded.missing_settings() == []
+    assert loaded.to_dict() == json.loads(out.read_text())  # it round-trips
+    s = loaded.settings
+    assert s["parser"] == "pope-official" and s["request"] is None and s["model_fingerprint"] is None
+    assert s["inputs"]["questions:pope_labels_realistic"]["sha256"] == s["questions"]["pope_labels_realistic"]["sha256"]
+    assert s["inputs"]["answers:0"]["path"] == str(ANSWERS)
+    split = loaded.splits["pope_labels_realistic"]
+    assert loaded.metrics == loaded.mean and loaded.metrics["accuracy"] == split["metrics"]["accuracy"]
+    assert split["count"] == 200 and len(loaded.items) == 200
+
+
+# --------------------------------------------------------------------------------------------------
+# Option typos are refused before any model loads or anything is written
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mode", "generat"], "--mode generat: unknown; choose one of generate, choice"),
+    (["--answer-suffix", "llava2"], "--answer-suffix llava2: unknown; choose one of none, llava, vcd"),
+    (["--parser", "oficial"], "--parser oficial: unknown"),
+    (["--dtype", "fp16"], "--dtype fp16: unknown; choose one of auto, float32, bfloat16, float16"),
+    (["--attn", "flash"], "--attn flash: unknown"),
+])
+def test_option_typos_fail_before_anything(tmp_path, extra, message):
+    out = tmp_path / "run"
+    # The model folder does not even exist: the typo must be found first.
+    res = CliRunner().invoke(_app(), ["--model", str(tmp_path / "no-model"), "--questions", str(LABELS),
+                                      "--images", str(tmp_path), "--out", str(out), *extra])
+    _one_error_line(res, message)
+    assert not out.exists(), "nothing may be written for a typo"
+
+
+def test_option_typos_fail_before_anything_in_chair_and_shr(tmp_path):
+    from hallu.commands import app
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["eval", "chair", "--model", str(tmp_path / "m"), "--images", str(tmp_path),
+                                   "--coco-annotations", str(tmp_path), "--out", str(out), "--unknown-images", "skip"])
+    _one_error_line(res, "--unknown-images skip: unknown; choose one of error, empty")
+    res = CliRunner().invoke(app, ["eval", "shr", "--model", str(tmp_path / "m"), "--images", str(tmp_path),
+                                   "--vg", str(tmp_path), "--out", str(out), "--no-judge", "--dtype", "half"])
+    _one_error_line(res, "--dtype half: unknown")
+    assert not out.exists()
