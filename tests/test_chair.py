@@ -395,3 +395,25 @@ def test_cli_no_mentions_shows_na(tmp_path):
     res = CliRunner().invoke(_app(), ["--captions", str(caps), "--coco-annotations", str(ANN)])
     assert res.exit_code == 0, res.output
     assert "n/a" in res.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# One COCO category list
+
+
+def test_one_coco_category_list():
+    from hallu import coco, tiny
+    from hallu.data import shapes
+    from hallu.objects import get_matcher
+
+    assert len(coco.CATEGORIES) == 80 and len({cid for cid, _, _ in coco.CATEGORIES}) == 80
+    assert coco.CATEGORY_NAMES[:3] == ("person", "bicycle", "car") and coco.CATEGORIES[-1] == (90, "toothbrush",
+                                                                                               "indoor")
+    # CHAIR's shipped synonym table (an official asset) starts its 80 lines with the same names, in order.
+    assert tuple(get_matcher().categories) == coco.CATEGORY_NAMES
+    # The builders and tiny models use that one list, not copies of it.
+    assert shapes.COCO_CATEGORIES is coco.CATEGORIES and tiny.COCO_CATEGORIES is coco.CATEGORY_NAMES
+    # The test fixture's train file names its categories with the same ids.
+    train = json.loads((ANN / "instances_train2014.json").read_text())
+    by_id = {cid: name for cid, name, _ in coco.CATEGORIES}
+    assert all(by_id[c["id"]] == c["name"] for c in train["categories"])

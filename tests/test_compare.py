@@ -44,3 +44,45 @@ def test_compare_rejects_what_is_not_a_result(tmp_path):
     assert r.exit_code == 2 and "not a hallu results file" in r.output
     r = runner.invoke(app, ["eval", "compare", str(tmp_path)])
     assert r.exit_code == 2 and "a folder without results.json" in r.output
+
+
+def test_compare_chair_results_from_the_one_shape(tmp_path):
+    from pathlib import Path
+
+    from hallu.evals import chair
+
+    ann = Path(__file__).parent / "data" / "chair" / "coco_annotations"
+    captions = Path(__file__).parent / "data" / "chair" / "dev_captions.jsonl"
+    result = chair.evaluate_file(captions, ann)
+    (tmp_path / "a.json").write_text(json.dumps(result))
+    fewer = chair.evaluate(chair.load_captions(captions)[:5], chair.CocoGroundTruth(ann))
+    (tmp_path / "b.json").write_text(json.dumps(fewer))
+    name, loaded = load_result(tmp_path / "a.json")
+    assert name == "a" and loaded.splits["all"]["count"] == 15
+    assert rows(loaded)[0] == ("CHAIR_s", result["metrics"]["chair_s"], True)
+    r = runner.invoke(app, ["eval", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+                      terminal_width=200)
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if "CHAIR_s" in x)
+    assert f"{100 * result['metrics']['chair_s']:.2f}" in line and f"{100 * fewer['metrics']['chair_s']:.2f}" in line
+    assert "chair-official" in next(x for x in r.output.splitlines() if "parser" in x)
+
+
+def test_compare_refuses_a_malformed_result_in_one_line(tmp_path):
+    bad = {"benchmark": "pope", "splits": {"s": {"metrics": {"accuracy": "high"}, "count": 3}}, "items": [],
+           "settings": {}}
+    cases = [
+        (bad, "splits['s'].metrics.accuracy must be a number or null"),
+        (dict(bad, splits={"s": {"metrics": {}}}), "splits['s'].count must be a non-negative integer"),
+        (dict(bad, splits={}, items={"a": 1}), "field 'items' must be a list of objects"),
+        (dict(bad, splits={}, schema=99), "results schema 99 is newer"),
+        ([1, 2], "not a hallu results file"),
+        (dict(bad, splits={}, benchmark="amber"), "benchmark 'amber' is not one compare knows"),
+    ]
+    for i, (content, message) in enumerate(cases):
+        f = tmp_path / f"r{i}.json"
+        f.write_text(json.dumps(content))
+        r = runner.invoke(app, ["eval", "compare", str(f)])
+        assert r.exit_code == 2, r.output
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and str(f) in lines[0] and message in lines[0], r.output

@@ -421,3 +421,52 @@ def test_cli_no_judge_and_input_errors(vg_dir, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "--facts" in r.output
     r = CliRunner().invoke(cli_app(), ["--json", str(out), "--vg", str(tmp_path)])
     assert r.exit_code == 2 and "--responses" in r.output
+
+
+# --- response formats and the result shape ---------------------------------------------------------
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_responses_as_jsonl_records_equal_the_official_dict(tmp_path):
+    rows = [{"image_id": int(k), "text": v, "model": "x"} for k, v in RESPONSES.items()]
+    assert shr.load_responses(_jsonl(tmp_path / "r.jsonl", rows)) == RESPONSES
+    (tmp_path / "r.json").write_text(json.dumps(rows))  # a JSON list of the same records
+    assert shr.load_responses(tmp_path / "r.json") == RESPONSES
+    one = _jsonl(tmp_path / "one.jsonl", rows[:1])  # a one-line file is one record, not the official dict
+    assert shr.load_responses(one) == {str(rows[0]["image_id"]): rows[0]["text"]}
+    assert shr.load_responses(DATA / "dev_responses.json") == RESPONSES
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"image_id": 101, "text": "a"}, {"image_id": "101", "text": "b"}],
+     r"r\.jsonl:2: a second response for image 101 \(first at .*r\.jsonl:1\)"),
+    ([{"image_id": 101, "text": "a"}, {"image_id": 102}], r"r\.jsonl:2: expected a record \{\"image_id\", \"text\"\}"),
+    ([{"image_id": 101, "text": "a"}, {"image_id": "x", "text": "b"}], r"r\.jsonl:2: image id 'x' is not an integer"),
+    ([{"image_id": 101, "text": "a"}, {"image_id": 102, "text": 3}], r"r\.jsonl:2: 'text' is int"),
+])
+def test_jsonl_response_errors_name_the_line(tmp_path, rows, message):
+    with pytest.raises(HalluError, match=message):
+        shr.load_responses(_jsonl(tmp_path / "r.jsonl", rows))
+
+
+def test_cli_reads_jsonl_responses_and_writes_the_eval_result_shape(vg_dir, tmp_path, monkeypatch):
+    from hallu.records import read_eval_result
+
+    monkeypatch.delenv("OPENAI_API_KEY")
+    jsonl = _jsonl(tmp_path / "r.jsonl", [{"image_id": int(k), "text": v} for k, v in RESPONSES.items()])
+    outs = []
+    for responses in (DATA / "dev_responses.json", jsonl):
+        out = tmp_path / f"{responses.stem}.out.json"
+        r = CliRunner().invoke(cli_app(), ["--responses", str(responses), "--vg", str(vg_dir), "--json", str(out),
+                                           "--no-judge"])
+        assert r.exit_code == 0, r.output
+        outs.append(read_eval_result(out))
+    official, ours = outs
+    assert ours.metrics == official.metrics and ours.items == official.items
+    assert ours.splits == {"all": {"metrics": ours.metrics, "count": len(RESPONSES)}}
+    assert ours.settings["parser"] == "shr-official" and ours.settings["request"] is None
+    assert ours.settings["inputs"]["responses"]["path"] == str(jsonl) and ours.missing_settings() == []
