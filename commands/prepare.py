@@ -29,7 +29,7 @@ def shapes(
     from hallu.fileio import StagedDir
     from hallu.manifest import Run
 
-    run = Run(out)
+    run = Run(out, flag="--out")
     options = {"dataset": "shapes", "images": images, "seed": seed, "world_version": world.WORLD_VERSION}
     with run.stage("prepare", options=options) as st:
         with StagedDir(out / "data") as tmp:

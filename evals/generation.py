@@ -81,7 +81,7 @@ class ModelEval:
     def __init__(self, out: Path | None, stage: str, rescore: bool):
         if out is None:
             raise HalluError("--out DIR is required with --model/--rescore (it holds generations and results)")
-        self.run = Run(out)
+        self.run = Run(out, flag="--out")
         self.stage_name = stage
         self.rescore = rescore
         self.recorded: dict | None = None

@@ -108,10 +108,11 @@ class StageView:
 class Run:
     """A run directory. Creating one does not write anything until a stage starts."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, flag: str = "--run"):
         self.dir = Path(directory)
+        self.flag = flag  # the option that named the folder (--run, or --out for prepare and evals), for errors
         if self.dir.exists() and not self.dir.is_dir():
-            raise HalluError(f"--run {self.dir}: is a file, not a run directory")
+            raise HalluError(f"{flag} {self.dir}: is a file, not a run directory")
         self.path = self.dir / "manifest.json"
         self.lock_dir = self.dir / ".locks"
         if self.path.exists():
@@ -154,9 +155,9 @@ class Run:
         try:
             self.lock_dir.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
-            raise HalluError(f"--run {self.dir}: a file is in the way of the run directory") from None
+            raise HalluError(f"{self.flag} {self.dir}: a file is in the way of the run directory") from None
         except OSError as e:
-            raise HalluError(f"--run {self.dir}: cannot create the run directory ({e.strerror})") from None
+            raise HalluError(f"{self.flag} {self.dir}: cannot create the run directory ({e.strerror})") from None
 
     # -- artifacts ------------------------------------------------------------------------------------
 
