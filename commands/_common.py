@@ -95,6 +95,12 @@ TrustOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow the model folder's own Python code to run (off by default).")
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per forward pass.")]
+AllowOutsideImagesOpt = Annotated[
+    bool,
+    typer.Option("--allow-outside-images",
+                 help="Let image paths climb out of the data folder with '..' (refused by default, so a downloaded "
+                      "data file cannot make hallu open files elsewhere)."),
+]
 EvalOutOpt = Annotated[
     Path | None, typer.Option("--out", help="Run folder for generations.jsonl and results.json (with --model).")
 ]

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from hallu.commands._common import AttnOpt, DeviceOpt, DtypeOpt, ModelOpt, RunOpt, TrustOpt, err_console
+from hallu.commands._common import (
+    AllowOutsideImagesOpt,
+    AttnOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    RunOpt,
+    TrustOpt,
+    note,
+)
 
 
 def rollout(
@@ -30,6 +39,7 @@ def rollout(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "sdpa",
     trust_remote_code: TrustOpt = False,
+    allow_outside_images: AllowOutsideImagesOpt = False,
 ) -> None:
     """Sample the policy's answers (RUN/rollout/responses.jsonl). Rerunning resumes where it stopped."""
     from hallu.manifest import Run
@@ -39,5 +49,6 @@ def rollout(
     opts = RolloutOptions(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           greedy=greedy, batch_size=batch_size, seed=seed, limit=limit, device=device,
                           dtype=dtype, attn=attn, trust_remote_code=trust_remote_code)
+    opts.allow_outside_images = allow_outside_images
     result = run_rollout(Run(run), model, prompts, opts)
-    err_console.print(f"[green]rollout[/]: {result['responses']} responses in {result['path']}")
+    note("rollout", f"{result['responses']} responses in {result['path']}")
