@@ -38,10 +38,18 @@ def _content_text(content, where: str, what: str) -> tuple[str, int]:
             pieces.append(part["text"])
         else:
             raise HalluError(f"{where}: the {what} message has a part that is neither image nor text: {part!r}")
-    text = "".join(pieces)
-    lead = IMAGE_TAG * n_images
-    if n_images and text.startswith(lead):  # images first: our records say that by having no tags
-        text = text[len(lead):]
+    # Typed parts lose the spaces around images: put one back, except before punctuation.
+    text = ""
+    for piece in pieces:
+        piece = piece if piece == IMAGE_TAG else piece.strip()
+        if text and piece and not text[-1].isspace() and piece[0] not in ".,;:!?)":
+            text += " "
+        text += piece
+    rest, leading = text, 0
+    while rest.startswith(IMAGE_TAG):
+        rest, leading = rest[len(IMAGE_TAG):].lstrip(), leading + 1
+    if n_images and leading == n_images:  # images first: our records say that by having no tags
+        text = rest
     return text.strip(), n_images
 
 
