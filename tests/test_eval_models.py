@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from hallu.commands import app
 from hallu.manifest import Run
 from hallu.models import load_model
-from hallu.records import user_messages
+from hallu.records import read_eval_result, user_messages
 
 runner = CliRunner()
 
@@ -62,6 +62,13 @@ def test_pope_generate_scores_three_splits_and_asks_shared_questions_once(world,
     assert s["model_fingerprint"].startswith("sha256:") and s["chat_template_sha256"].startswith("sha256:")
     assert "Is there a" in s["prompt_example"]
     assert all(v["sha256"].startswith("sha256:") for v in s["questions"].values())
+    # The one EvalResult shape: what was asked, of which model, on which inputs.
+    loaded = read_eval_result(out)
+    assert loaded.missing_settings() == [] and loaded.metrics == result["mean"]
+    assert s["request"] == {"prompt": "{question}", "mode": "generate", "decoding": s["decoding"],
+                            "chat_template_sha256": s["chat_template_sha256"]}
+    assert s["model_fingerprint"] == Run(out).read()["stages"]["eval-pope"]["options"]["model_fingerprint"]
+    assert {k for k in s["inputs"]} == {f"questions:{split}" for split in result["splits"]}
 
     # The stored answers are what one-at-a-time generation gives.
     lm = load_model(world / "model")
@@ -146,6 +153,10 @@ def test_chair_with_a_model(world, tmp_path):
     assert result["counts"]["captions"] == 8 and len(result["settings"]["images"]["files"]) == 8
     assert result["settings"]["prompt"] == "Please describe this image in detail."
     assert result["settings"]["images"]["seed"] == 42
+    loaded = read_eval_result(out)
+    assert loaded.missing_settings() == [] and loaded.splits["all"]["count"] == 8
+    assert loaded.settings["request"]["prompt"] == "Please describe this image in detail."
+    assert loaded.settings["model_fingerprint"].startswith("sha256:")
     before = result["metrics"]
     r = cli("eval", "chair", "--rescore", "--out", out)
     assert r.exit_code == 0 and json.loads((out / "results.json").read_text())["metrics"] == before
@@ -168,6 +179,11 @@ def test_shr_with_a_model_and_a_loopback_judge(world, tmp_path, monkeypatch):
         result = json.loads((out / "results.json").read_text())
         assert result["counts"]["images"] == 12 and n_requests >= 1
         assert result["settings"]["generation"]["decoding"]["num_beams"] == 2
+        loaded = read_eval_result(out)
+        assert loaded.missing_settings() == [] and loaded.splits["all"]["count"] == 12
+        assert loaded.settings["request"]["decoding"]["num_beams"] == 2
+        assert loaded.settings["model_fingerprint"].startswith("sha256:")
+        assert set(loaded.settings["inputs"]) == {"image_data", "facts_0"}
         r = cli(*args)
         assert r.exit_code == 0 and len(server.requests) == n_requests, "a rerun makes no new judge calls"
     for f in out.iterdir():
