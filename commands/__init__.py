@@ -15,6 +15,7 @@ from hallu import __version__
 from hallu.commands import demo as _demo
 from hallu.commands import dpo as _dpo
 from hallu.commands import eval as _eval
+from hallu.commands import merge_lora as _merge_lora
 from hallu.commands import prepare as _prepare
 from hallu.commands import rollout as _rollout
 from hallu.commands import sft as _sft
@@ -67,6 +68,7 @@ app.add_typer(_eval.app, name="eval")
 app.command("rollout")(boundary(_rollout.rollout))
 app.command("sft")(boundary(_sft.sft))
 app.command("dpo")(boundary(_dpo.dpo))
+app.command("merge-lora")(boundary(_merge_lora.merge_lora))
 app.command("status")(boundary(_status.status))
 app.command("demo")(boundary(_demo.demo))
 
