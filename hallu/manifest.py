@@ -158,6 +158,9 @@ class Run:
             raise HalluError(f"{self.flag} {self.dir}: a file is in the way of the run directory") from None
         except OSError as e:
             raise HalluError(f"{self.flag} {self.dir}: cannot create the run directory ({e.strerror})") from None
+        # A read-only run folder would fail inside the lock library with a traceback; say it plainly.
+        if not os.access(self.lock_dir, os.W_OK | os.X_OK):
+            raise HalluError(f"{self.flag} {self.dir}: cannot write to the run directory (read-only or no permission)")
 
     # -- artifacts ------------------------------------------------------------------------------------
 
