@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -218,9 +219,13 @@ class Run:
                 continue
             status = rec.get("status", "pending")
             reasons: list[str] = []
-            if status == "running" and not self._stage_locked(name):
-                status = "failed"
-                reasons.append("the process running it died (rerun to resume)")
+            if status == "running":
+                alive, why = stage_owner_alive(rec)
+                if not alive:
+                    status = "failed"
+                    reasons.append("the process running it died (rerun to resume)")
+                elif why:
+                    reasons.append(why)
             elif status == "failed" and rec.get("error"):
                 reasons.append(rec["error"])
             if status == "done":
@@ -248,19 +253,57 @@ class Run:
                     reasons.append(f"{kind[:-1]} '{key}' ({art['path']}) {verb}")
         return reasons
 
-    def _stage_locked(self, name: str) -> bool:
-        from filelock import FileLock, Timeout
 
-        path = self.lock_dir / f"{name}.lock"
-        if not path.exists():
-            return False
-        lock = FileLock(str(path))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            return True
-        lock.release()
+
+# --------------------------------------------------------------------------------------------------
+# Is a running stage's process still there? Looked up, never by taking its lock: a `hallu status`
+# that grabbed the stage lock for a moment could make a stage starting at that instant fail as
+# "already running".
+
+
+def process_start_token(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: clock ticks since boot, /proc/PID/stat field 22), or None.
+
+    Recorded with the pid so a pid reused by an unrelated process after a crash is not taken for the
+    stage's process.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": field 3 onwards
+    return fields[19] if len(fields) > 19 else None
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except PermissionError:  # it exists, it is just someone else's
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def stage_owner_alive(rec: dict) -> tuple[bool, str | None]:
+    """Whether the process recorded as running a stage (rank 0 of a launch) still runs; with a note
+    when that cannot be checked from here (another host)."""
+    pid = rec.get("pid")
+    if not isinstance(pid, int):
+        return False, None
+    host = rec.get("host")
+    if host and host != socket.gethostname():
+        return True, f"running on host {host} (pid {pid}); not checked from here"
+    if not _pid_exists(pid):
+        return False, None
+    started = rec.get("pid_started")
+    if started is not None:
+        now = process_start_token(pid)
+        if now is not None and now != started:
+            return False, None  # the pid was reused by another process
+    return True, None
 
 
 class StageRun:
@@ -291,7 +334,31 @@ class StageRun:
         return self.run.dir / self.name
 
     def __enter__(self) -> StageRun:
+        from hallu import distributed as D
+
+        if D.is_distributed():
+            D.init()
+        if not D.is_main():
+            # One stage, not N: rank 0 takes the lock and decides; the other ranks follow its word.
+            started = D.share(None, what=f"rank 0 to start stage '{self.name}'")
+            if started.get("error"):
+                raise HalluError(started["error"])
+            self.fresh, self.previous, self._t0 = started["fresh"], started["previous"], time.time()
+            return self
+        try:
+            self._start()
+        except BaseException as e:
+            D.share({"error": str(e) if isinstance(e, HalluError) else
+                     f"rank 0 could not start stage '{self.name}' ({type(e).__name__}: {e})"})
+            raise
+        D.share({"error": None, "fresh": self.fresh, "previous": self.previous})
+        return self
+
+    def _start(self) -> None:
+        """Rank 0: take the stage lock, decide whether earlier output resumes, mark the stage running."""
         from filelock import FileLock, Timeout
+
+        from hallu import distributed as D
 
         self.run._mkdirs()
         self._lock = FileLock(str(self.run.lock_dir / f"{self.name}.lock"))
@@ -329,16 +396,20 @@ class StageRun:
                     "seconds": None,
                     "versions": library_versions(),
                     "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "pid_started": process_start_token(os.getpid()),
+                    "ranks": D.world_size(),
                 }
 
             self.run.update(start)
         except BaseException:
             self._lock.release()
             raise
-        return self
 
     def progress(self, done: int, total: int, force: bool = False) -> None:
         """Record progress; throttled, because item-level truth lives in the shards, not here."""
+        if not is_main_process():
+            return
         t = time.time()
         if not force and t - self._last_progress_write < _PROGRESS_WRITE_INTERVAL_S:
             return
@@ -354,6 +425,8 @@ class StageRun:
         self.outputs[key] = {"path": Path(path), "count": count, **extra}
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if not is_main_process():
+            return False  # the record is rank 0's to finish
         try:
             ended = now_iso()
             seconds = round(time.time() - self._t0, 3)
@@ -363,7 +436,8 @@ class StageRun:
                 def finish(m: dict) -> None:
                     rec = m["stages"][self.name]
                     rec.update(status="done", outputs=outs, ended=ended, seconds=seconds, **self.extra)
-                    rec.pop("pid", None)
+                    for key in ("pid", "host", "pid_started"):
+                        rec.pop(key, None)
             else:
                 if isinstance(exc, KeyboardInterrupt):
                     msg = "interrupted (Ctrl-C); rerun to resume"
@@ -375,7 +449,8 @@ class StageRun:
                 def finish(m: dict) -> None:
                     rec = m["stages"][self.name]
                     rec.update(status="failed", error=msg, ended=ended, seconds=seconds, **self.extra)
-                    rec.pop("pid", None)
+                    for key in ("pid", "host", "pid_started"):
+                        rec.pop(key, None)
 
             self.run.update(finish)
         finally:
