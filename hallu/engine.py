@@ -21,14 +21,16 @@ design notes records why this layout and no other.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hallu.errors import HalluError
-from hallu.records import load_image, resolve_image, user_messages
+from hallu.records import assistant_message, load_image, resolve_image, user_messages
 
 # Model types whose text positions are plain 1-D and whose image features depend on the image alone.
 PREFIX_SHARING_TYPES = frozenset({"llava", "llava_next"})
@@ -50,6 +52,13 @@ class GenRequest:
 
 
 @dataclass
+class ScoreRequest(GenRequest):
+    """A prompt and the answers to score against it (each rendered as the assistant turn)."""
+
+    completions: Sequence[str] = ()
+
+
+@dataclass
 class Generation:
     id: str
     sample: int
@@ -63,6 +72,54 @@ class Choice:
     id: str
     scores: dict[str, float]  # first-token logit of each choice
     pred: str  # the choice with the highest logit
+
+
+@dataclass
+class Score:
+    """Log-probabilities of one given completion: the tokens the model would emit after the prompt."""
+
+    id: str
+    completion: int  # index into the request's completions
+    token_ids: list[int]
+    logprobs: list[float]  # natural log, one per token
+
+    @property
+    def sum(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def mean(self) -> float:
+        return self.sum / len(self.logprobs)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.mean)
+
+
+@dataclass
+class AttentionShares:
+    """Where one completion's tokens look: head-averaged attention on each image's tokens, per chosen layer.
+
+    ``image_shares[l][i]`` is the attention mass the completion's tokens put on image ``i``'s tokens at
+    layer ``layers[l]`` (averaged over heads, then over the completion's tokens); ``text_shares[l]`` is
+    the mass on every other real token (prompt text, the completion so far), so the two add up to 1.
+    ``per_token[l][t][i]``, when asked for, is the same share for completion token ``t`` alone.
+    """
+
+    id: str
+    completion: int
+    layers: list[int]  # resolved decoder layer indices (0-based, never negative)
+    image_tokens: list[int]  # how many tokens each image occupies
+    image_shares: list[list[float]]
+    text_shares: list[float]
+    per_token: list[list[list[float]]] | None = None
+
+    def ratios(self, layer: int | None = None) -> list[float]:
+        """MIA-DPO's sequence ratio: each image's mean per-token attention over the sum of those means."""
+        k = 0 if layer is None else self.layers.index(layer)
+        means = [s / n for s, n in zip(self.image_shares[k], self.image_tokens, strict=True)]
+        total = sum(means)
+        return [m / total if total > 0 else 0.0 for m in means]
 
 
 @dataclass
@@ -87,8 +144,9 @@ class Decoding:
 @dataclass
 class _Row:
     request: GenRequest
-    sample: int
-    ids: list[int] = field(default_factory=list)
+    sample: int  # sample index (generate) or completion index (score)
+    ids: list[int] = field(default_factory=list)  # prompt ids, then target
+    target: list[int] = field(default_factory=list)  # given completion ids (score, attention), else empty
 
 
 class Engine:
@@ -216,6 +274,101 @@ class Engine:
             )
         return ids
 
+    def score(self, requests: Sequence[ScoreRequest], *, include_eos: bool = True,
+              progress: Callable[[int], None] | None = None) -> Iterator[list[Score]]:
+        """Yield the log-probs of every given completion, batch by batch (request order, then completion order).
+
+        A completion is scored as the assistant turn of the chat template: the tokens the model would emit
+        after the generation prompt, ending with the template's end-of-turn token when ``include_eos``. On
+        the shared path each image group's prompt prefix is prefilled once and every completion continues
+        from that cache in one forward.
+        """
+        import torch
+
+        rows = self._target_rows(requests, include_eos)
+        for batch in self._batches(rows, by_image=self.share_prefix):
+            with torch.inference_mode():
+                logits, layout = self._target_forward(batch)
+            out = []
+            for row in batch:
+                k, q_cols = layout[id(row)]
+                lp = logits[k, q_cols - 1].float().log_softmax(-1)
+                target = torch.tensor(row.target, device=lp.device)
+                picked = lp.gather(-1, target[:, None])[:, 0]
+                out.append(Score(row.request.id, row.sample, list(row.target), picked.tolist()))
+            if progress:
+                progress(len(batch))
+            yield out
+
+    def attention(self, requests: Sequence[ScoreRequest], layers: Sequence[int] = (16,), *,
+                  include_eos: bool = False, per_token: bool = False,
+                  progress: Callable[[int], None] | None = None) -> Iterator[list[AttentionShares]]:
+        """Yield, per completion, the share of attention its tokens put on each image (MIA-DPO's statistic).
+
+        The rows are the completion's tokens (without the end-of-turn token by default): for a greedy
+        answer that ended with EOS these are exactly the tokens fed at decoding steps 1..L-1, MIA-DPO's
+        rows. Attention weights exist only in eager attention, so the model's attention implementation
+        is switched to ``eager`` for the call and restored after it. Each chosen layer's weights are reduced
+        to per-image sums inside a forward hook, so no full attention map outlives its layer.
+        """
+        import torch
+
+        decoder_layers = self._decoder_layers()
+        resolved = []
+        for layer in layers:
+            k = layer + len(decoder_layers) if layer < 0 else layer
+            if not 0 <= k < len(decoder_layers):
+                raise HalluError(f"attention layer {layer}: the model has {len(decoder_layers)} decoder layers")
+            resolved.append(k)
+        rows = self._target_rows(requests, include_eos)
+        image_id = self._image_token_id()
+        with _eager_attention(self.model):
+            for batch in self._batches(rows, by_image=self.share_prefix):
+                capture = _AttentionCapture([decoder_layers[k].self_attn for k in resolved], image_id, per_token)
+                with torch.inference_mode():
+                    self._target_forward(batch, capture)
+                out = []
+                for row in batch:
+                    shares, text, tokens = capture.result(row)
+                    out.append(AttentionShares(
+                        row.request.id, row.sample, list(resolved), capture.image_tokens[id(row)],
+                        [s.mean(0).tolist() for s in shares], [float(t.mean()) for t in text],
+                        [s.tolist() for s in shares] if per_token else None))
+                if progress:
+                    progress(len(batch))
+                yield out
+
+    def completion_ids(self, request: GenRequest, completion: str, *, include_eos: bool = True,
+                       where: str = "") -> list[int]:
+        """The token ids of ``completion`` as the chat template's assistant turn after ``request``'s prompt.
+
+        Tokenizing the prompt alone and the prompt with its answer must agree on the prompt's tokens;
+        the tokens after them, up to the first end-of-sequence token (kept when ``include_eos``), are
+        what the model would emit. Text the template adds after that token is never generated.
+        """
+        where = where or f"request {request.id}"
+        msgs = user_messages(request.text, len(request.images))
+        base = self.render(request)
+        full = self.processor.apply_chat_template(msgs + [assistant_message(completion)], tokenize=False)
+        base_ids = self.tokenizer(base, add_special_tokens=False)["input_ids"]
+        full_ids = self.tokenizer(full, add_special_tokens=False)["input_ids"]
+        if not full.startswith(base) or full_ids[: len(base_ids)] != base_ids:
+            raise HalluError(f"{where}: the chat template renders the answer so that the prompt's tokens change; "
+                             "it cannot be scored as a continuation of the prompt")
+        tail = full_ids[len(base_ids) :]
+        eos = self._eos_ids()
+        end = next((i for i, t in enumerate(tail) if t in eos), None)
+        if end is None:
+            if include_eos:
+                raise HalluError(f"{where}: the chat template ends the answer with no end-of-sequence token "
+                                 f"(ids {sorted(eos)}); score it with include_eos=False")
+            ids = tail
+        else:
+            ids = tail[: end + 1] if include_eos else tail[:end]
+        if not ids:
+            raise HalluError(f"{where}: the answer {completion!r} renders no tokens to score")
+        return ids
+
     # -- batching ----------------------------------------------------------------------------------------
 
     def _batches(self, rows: list[_Row], by_image: bool) -> Iterator[list[_Row]]:
@@ -288,13 +441,13 @@ class Engine:
             replacements = [o["replacement"] for o in offs if o["type"] == "image"]
             runs = self.tokenizer(replacements, add_special_tokens=False)["input_ids"] if replacements else []
             for r in group:
-                r.ids = _splice(unexpanded[rendered[id(r.request)]], image_token_id, runs)
+                r.ids = _splice(unexpanded[rendered[id(r.request)]], image_token_id, runs) + r.target
         if not self._verified:
             # Our expansion must equal the processor's own encoding, token for token; checked once.
             am = enc["attention_mask"]
             for k, r in enumerate(firsts):
                 real = enc["input_ids"][k][am[k].bool()].tolist()
-                if real != r.ids:
+                if real != r.ids[: len(r.ids) - len(r.target)]:
                     raise _FallBack("the processor's token ids differ from the expanded text's")
             self._verified = True
         return list(groups.values()), image_inputs
@@ -311,7 +464,9 @@ class Engine:
         for group in groups:
             seqs = [r.ids for r in group]
             p = _common_prefix_len(seqs)
-            p = min(p, min(len(s) for s in seqs) - 1)  # every row keeps >= 1 token to feed generate
+            # Every row keeps >= 1 prompt token to feed generate; a scored target stays whole in the suffix,
+            # with the prompt token whose logits predict its first token.
+            p = min(p, min(len(r.ids) - len(r.target) for r in group) - 1)
             last_image = max((i for i, t in enumerate(seqs[0]) if t == image_id), default=-1)
             if last_image >= p:
                 raise _FallBack("a group's common prefix ends inside its image tokens")
@@ -375,11 +530,100 @@ class Engine:
         order = {id(r): k for k, r in enumerate(rows)}
         return torch.stack([logits[order[id(r)]] for r in batch])
 
+    # -- given completions: one forward over prompt + target (score, attention) ------------------------------
+
+    def _target_rows(self, requests: Sequence[ScoreRequest], include_eos: bool) -> list[_Row]:
+        rows = []
+        for r in requests:
+            if not r.completions:
+                raise HalluError(f"request {r.id}: no completions to score")
+            for k, text in enumerate(r.completions):
+                target = self.completion_ids(r, text, include_eos=include_eos, where=f"request {r.id} completion {k}")
+                rows.append(_Row(r, k, target=target))
+        return rows
+
+    def _target_forward(self, batch: list[_Row], capture: _AttentionCapture | None = None):
+        """Logits over every row's target, shared prefix where possible; also where each row's target sits.
+
+        Returns the logits of the forward's input columns and, per row (by ``id``), its batch index in
+        those logits and the input columns of its target tokens (the logits predicting target token j
+        sit one column earlier: prompt and target are contiguous in every layout used here).
+        """
+        if self.share_prefix:
+            try:
+                return self._target_forward_shared(batch, capture)
+            except _FallBack:
+                self.share_prefix = False
+        return self._target_forward_plain(batch, capture)
+
+    def _target_forward_shared(self, batch: list[_Row], capture: _AttentionCapture | None):
+        import torch
+
+        rows, cache, owner, ids, mask, pmax = self._prefill(batch)
+        cache.batch_select_indices(torch.tensor(owner, device=ids.device))
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        layout = _target_layout(rows, mask, pmax)
+        with capture.hooks(rows, mask, pmax) if capture else _nothing():
+            out = self.model(input_ids=ids[:, pmax:], attention_mask=mask, position_ids=pos[:, pmax:],
+                             cache=cache, use_cache=True)
+        return out.logits, layout
+
+    def _target_forward_plain(self, batch: list[_Row], capture: _AttentionCapture | None):
+        """The processor on every prompt, then each row re-laid as [prompt | target | right pads].
+
+        Right padding keeps every real token at its unpadded position whatever the model's position scheme
+        (arange, mask cumsum, M-RoPE), and causal attention keeps the trailing pads out of every real token.
+        """
+        import torch
+
+        enc = self._encode_plain(batch)
+        am = enc["attention_mask"].bool()
+        prompts = [enc["input_ids"][k][am[k]].tolist() for k in range(len(batch))]
+        for r, p in zip(batch, prompts, strict=True):
+            r.ids = p + r.target
+        width = max(len(r.ids) for r in batch)
+        per_token = {"input_ids": self.pad_id, "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
+        for key, fill in per_token.items():
+            if key not in enc:
+                continue
+            old = enc[key]
+            new = torch.full((len(batch), width), fill, dtype=old.dtype, device=old.device)
+            for k, r in enumerate(batch):
+                n = len(prompts[k])
+                new[k, :n] = old[k][am[k]]
+                if key == "input_ids":
+                    new[k, n : len(r.ids)] = torch.tensor(r.target, dtype=old.dtype)
+                elif key == "attention_mask":
+                    new[k, n : len(r.ids)] = 1
+            enc[key] = new
+        mask = enc["attention_mask"]
+        layout = _target_layout(batch, mask, 0)
+        with capture.hooks(batch, mask, 0) if capture else _nothing():
+            out = self.model(**enc, use_cache=False)
+        return out.logits, layout
+
+    def _decoder_layers(self):
+        decoder = self.model.get_decoder()
+        layers = getattr(decoder, "layers", None)
+        if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+            raise HalluError(f"attention capture: cannot find the decoder layers of model type "
+                             f"{self.model.config.model_type!r}")
+        return layers
+
+    def _image_token_id(self) -> int | None:
+        image_id = getattr(self.model.config, "image_token_id", None)
+        if image_id is None:
+            image_id = getattr(self.model.config, "image_token_index", None)
+        return image_id
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
     # -- decoding ------------------------------------------------------------------------------------------
 
     def _decode(self, rows: list[_Row], new_tokens) -> list[Generation]:
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos_ids = self._eos_ids()
         out = []
         for row, toks in zip(rows, new_tokens.tolist(), strict=True):
             n = len(toks)
@@ -457,3 +701,123 @@ def _branch_cache(config, cache, owner, max_len: int):
             st.values[start:end, :, :n].copy_(dyn.values[g : g + 1].expand(end - start, -1, -1, -1))
         st.cumulative_length.fill_(n)
     return static
+
+
+def _image_runs(ids: list[int], image_token_id: int | None) -> list[tuple[int, int]]:
+    """[start, end) of every run of consecutive image tokens: one run per image for LLaVA-style prompts."""
+    runs: list[tuple[int, int]] = []
+    start = None
+    for i, t in enumerate([*ids, None]):
+        if t == image_token_id and t is not None:
+            start = i if start is None else start
+        elif start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _target_layout(rows: list[_Row], mask, q_offset: int) -> dict[int, tuple]:
+    """Per row (by ``id``): its index in the batch and the input columns of its target tokens.
+
+    The real columns of a row's mask hold its ids in order, whatever the padding layout, so the target's
+    key columns are the last ``len(target)`` real ones; minus ``q_offset`` (the cached columns) they are
+    the columns of the forward's input.
+    """
+    out = {}
+    for k, r in enumerate(rows):
+        real = mask[k].nonzero()[:, 0]
+        if len(real) != len(r.ids):
+            raise RuntimeError(f"row {r.request.id}: {len(real)} real columns for {len(r.ids)} ids")
+        out[id(r)] = (k, real[len(r.ids) - len(r.target) :] - q_offset)
+    return out
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+@contextmanager
+def _eager_attention(model):
+    """Run with eager attention (the only implementation that materialises weights), then restore.
+
+    The previous implementation is restored per sub-config, so a model whose vision tower and decoder
+    were loaded with different implementations gets both back.
+    """
+    config = model.config
+    before = {"": config._attn_implementation}
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if sub is not None:
+            before[key] = sub._attn_implementation
+    if all(v == "eager" for v in before.values()):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+class _AttentionCapture:
+    """Forward hooks on chosen attention modules that reduce each layer's weights on the fly.
+
+    Each hook keeps, per row, the head-averaged attention of the row's target tokens summed over each
+    image's key columns and over the remaining real columns: (tokens x images) floats per layer instead
+    of the (heads x queries x keys) map, which is dropped as soon as the layer returns.
+    """
+
+    def __init__(self, modules: list, image_token_id: int | None, per_token: bool):
+        self.modules = modules
+        self.image_token_id = image_token_id
+        self.per_token = per_token
+        self.image_tokens: dict[int, list[int]] = {}
+        self._shares: dict[int, dict[int, tuple]] = {}
+
+    @contextmanager
+    def hooks(self, rows: list[_Row], mask, q_offset: int):
+        import torch
+
+        plans = []
+        for k, r in enumerate(rows):
+            real = mask[k].nonzero()[:, 0]  # key column of every id of the row
+            n_prompt = len(r.ids) - len(r.target)
+            spans = _image_runs(r.ids[:n_prompt], self.image_token_id)
+            if len(spans) != len(r.request.images):
+                raise HalluError(f"request {r.request.id}: {len(spans)} runs of image tokens for "
+                                 f"{len(r.request.images)} images; attention capture cannot tell the images apart")
+            is_image = torch.zeros(len(r.ids), dtype=torch.bool)
+            for a, b in spans:
+                is_image[a:b] = True
+            image_cols = [real[a:b] for a, b in spans]
+            text_cols = real[~is_image.to(real.device)]
+            plans.append((id(r), real[n_prompt:] - q_offset, image_cols, text_cols))
+            self.image_tokens[id(r)] = [b - a for a, b in spans]
+        handles = [m.register_forward_hook(self._hook(layer, plans)) for layer, m in enumerate(self.modules)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, layer: int, plans: list):
+        import torch
+
+        def reduce(module, args, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise HalluError("attention capture: the attention layers returned no weights; "
+                                 "it needs eager attention")
+            for k, (key, queries, image_cols, text_cols) in enumerate(plans):
+                w = weights[k][:, queries].float().mean(0)  # (target tokens, keys), averaged over heads
+                on_images = torch.stack([w[:, c].sum(-1) for c in image_cols], -1)
+                self._shares.setdefault(key, {})[layer] = (on_images.cpu(), w[:, text_cols].sum(-1).cpu())
+
+        return reduce
+
+    def result(self, row: _Row):
+        """Per layer: (target tokens x images) image shares, (target tokens) text shares."""
+        got = self._shares[id(row)]
+        layers = range(len(self.modules))
+        return [got[k][0] for k in layers], [got[k][1] for k in layers], self.image_tokens[id(row)]
