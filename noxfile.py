@@ -1,4 +1,7 @@
-"""nox sessions: tests, lint, demo, bench. Each installs the CPU torch wheel first (see README)."""
+"""nox sessions: tests, lowest, lint, demo, bench. Each installs the CPU torch wheel first (see README)."""
+
+import re
+from pathlib import Path
 
 import nox
 
@@ -11,6 +14,30 @@ def tests(session: nox.Session) -> None:
     """The test suite (offline, CPU)."""
     session.install(TORCH)
     session.install("-e", ".[dev]")
+    session.run("python", "-m", "pytest", "-q", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+def lower_bounds() -> list[str]:
+    """Every dependency of pyproject.toml pinned to its lower bound ("transformers>=5.24.0,<5.25" ->
+    "transformers==5.24.0"); torch is left out (TORCH is installed first)."""
+    import tomllib
+
+    deps = tomllib.loads(Path(__file__).with_name("pyproject.toml").read_text())["project"]["dependencies"]
+    pins = []
+    for dep in deps:
+        name, low = re.match(r"^([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)", dep).groups()
+        if name != "torch":
+            pins.append(f"{name}=={low}")
+    return pins
+
+
+@nox.session
+def lowest(session: nox.Session) -> None:
+    """The test suite on exactly the lowest versions pyproject.toml admits (torch: the tested CPU wheel)."""
+    session.install(TORCH)
+    session.install(*lower_bounds(), "pytest>=8")
+    session.install("--no-deps", "-e", ".")
+    session.run("pip", "check")
     session.run("python", "-m", "pytest", "-q", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 

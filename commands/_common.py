@@ -79,7 +79,9 @@ RunOpt = Annotated[
     Path, typer.Option("--run", help="Run directory (holds manifest.json and every stage's outputs).")
 ]
 ModelOpt = Annotated[
-    Path, typer.Option("--model", help="Local model folder (anything AutoModelForImageTextToText loads).")
+    Path,
+    typer.Option("--model", help="Model folder, Hub id (org/name, from the Hugging Face cache) or PEFT adapter "
+                                 "folder (anything AutoModelForImageTextToText loads)."),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="Device: auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[
@@ -94,6 +96,11 @@ AttnOpt = Annotated[
 TrustOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow the model folder's own Python code to run (off by default).")
 ]
+ChatTemplateOpt = Annotated[
+    Path | None,
+    typer.Option("--chat-template", help="Jinja chat template file replacing the model's (default: the model's, "
+                                         "else hallu's packaged one for its family)."),
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per forward pass.")]
 AllowOutsideImagesOpt = Annotated[
     bool,
@@ -104,3 +111,16 @@ AllowOutsideImagesOpt = Annotated[
 EvalOutOpt = Annotated[
     Path | None, typer.Option("--out", help="Run folder for generations.jsonl and results.json (with --model).")
 ]
+
+
+def template_arg(chat_template: Path | None) -> str | None:
+    """--chat-template as LoadOptions holds it (a path string, recorded in manifests as given)."""
+    return str(chat_template) if chat_template else None
+
+
+def load_options(device: str, dtype: str, attn: str, trust_remote_code: bool, chat_template: Path | None):
+    """The model flags as one checked LoadOptions: typos fail here, before any file is read or written."""
+    from hallu.models import LoadOptions
+
+    return LoadOptions(device=device, dtype=dtype, attn=attn, trust_remote_code=trust_remote_code,
+                       chat_template=template_arg(chat_template)).validate()

@@ -15,6 +15,7 @@ import typer
 from hallu.commands._common import (
     AttnOpt,
     BatchOpt,
+    ChatTemplateOpt,
     DeviceOpt,
     DtypeOpt,
     EvalOutOpt,
@@ -25,6 +26,7 @@ from hallu.commands._common import (
     err_console,
     out_console,
     relaunch_if_asked,
+    template_arg,
 )
 
 
@@ -80,6 +82,7 @@ def chair(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "sdpa",
     trust_remote_code: TrustOpt = False,
+    chat_template: ChatTemplateOpt = None,
     nproc: NprocOpt = None,
     gpus: GpusOpt = None,
 ) -> None:
@@ -96,12 +99,12 @@ def chair(
 
     # Every choice-valued option is checked first: a typo costs one line and writes nothing.
     bench.check_unknown_images(unknown_images)
-    check_model_knobs(dict(dtype=dtype, attn=attn))
+    check_model_knobs(dict(device=device, dtype=dtype, attn=attn, chat_template=template_arg(chat_template)))
     if model is not None or rescore:
         if captions is not None:
             raise HalluError("--captions scores captions made elsewhere; it cannot be combined with --model/--rescore")
         knobs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype, attn=attn,
-                     trust_remote_code=trust_remote_code)
+                     trust_remote_code=trust_remote_code, chat_template=template_arg(chat_template))
         result, path = bench.evaluate_model(model, images, coco_annotations, out, rescore, knobs, n_images=n_images,
                                             seed=seed, prompt=prompt, unknown_images=unknown_images)
         out_console.print(metrics_table(result))

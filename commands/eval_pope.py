@@ -22,6 +22,7 @@ import typer
 from hallu.commands._common import (
     AttnOpt,
     BatchOpt,
+    ChatTemplateOpt,
     DeviceOpt,
     DtypeOpt,
     EvalOutOpt,
@@ -32,6 +33,7 @@ from hallu.commands._common import (
     err_console,
     out_console,
     relaunch_if_asked,
+    template_arg,
 )
 
 # Rows of the terminal table: (metric key, label, is a rate shown in %).
@@ -89,6 +91,7 @@ def pope(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "sdpa",
     trust_remote_code: TrustOpt = False,
+    chat_template: ChatTemplateOpt = None,
     nproc: NprocOpt = None,
     gpus: GpusOpt = None,
 ) -> None:
@@ -105,7 +108,8 @@ def pope(
 
     # Every choice-valued option is checked first: a typo costs one line and writes nothing.
     P.check_options(parser, mode, answer_suffix)
-    check_model_knobs(dict(mode=mode, dtype=dtype, attn=attn))
+    check_model_knobs(dict(mode=mode, device=device, dtype=dtype, attn=attn,
+                           chat_template=template_arg(chat_template)))
     if model is not None or rescore:
         if answers:
             raise HalluError("--answers scores answers made elsewhere; it cannot be combined with --model/--rescore")
@@ -114,7 +118,8 @@ def pope(
         result, results_path = evaluate_model(
             questions, model, images, out, parser, rescore,
             dict(mode=mode, answer_suffix=answer_suffix, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                 device=device, dtype=dtype, attn=attn, trust_remote_code=trust_remote_code),
+                 device=device, dtype=dtype, attn=attn, trust_remote_code=trust_remote_code,
+                 chat_template=template_arg(chat_template)),
         )
         _report(result, json_out)
         err_console.print(f"results written to {results_path}")

@@ -16,6 +16,7 @@ import typer
 from hallu.commands._common import (
     AttnOpt,
     BatchOpt,
+    ChatTemplateOpt,
     DeviceOpt,
     DtypeOpt,
     GpusOpt,
@@ -25,6 +26,7 @@ from hallu.commands._common import (
     err_console,
     out_console,
     relaunch_if_asked,
+    template_arg,
 )
 
 _METRIC_ROWS = (
@@ -103,6 +105,7 @@ def shr(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "sdpa",
     trust_remote_code: TrustOpt = False,
+    chat_template: ChatTemplateOpt = None,
     nproc: NprocOpt = None,
     gpus: GpusOpt = None,
 ) -> None:
@@ -118,7 +121,7 @@ def shr(
     from hallu.fileio import atomic_write_json, read_json, sha256_file
 
     # Choice-valued options first: a typo costs one line, before any judge, file or model is touched.
-    check_model_knobs(dict(dtype=dtype, attn=attn))
+    check_model_knobs(dict(device=device, dtype=dtype, attn=attn, chat_template=template_arg(chat_template)))
     if model is not None and responses is not None:
         raise HalluError("--responses scores responses made elsewhere; it cannot be combined with --model")
     if model is not None and out is None:
@@ -161,7 +164,8 @@ def shr(
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         knobs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, device=device,
-                     dtype=dtype, attn=attn, trust_remote_code=trust_remote_code)
+                     dtype=dtype, attn=attn, trust_remote_code=trust_remote_code,
+                     chat_template=template_arg(chat_template))
         ids = bench.load_image_list(image_list) if image_list is not None else None
         with Progress(TextColumn("judging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=True, disable=judge is None) as bar:

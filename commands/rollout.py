@@ -10,11 +10,13 @@ import typer
 from hallu.commands._common import (
     AllowOutsideImagesOpt,
     AttnOpt,
+    ChatTemplateOpt,
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
     RunOpt,
     TrustOpt,
+    load_options,
     note,
 )
 
@@ -40,15 +42,16 @@ def rollout(
     attn: AttnOpt = "sdpa",
     trust_remote_code: TrustOpt = False,
     allow_outside_images: AllowOutsideImagesOpt = False,
+    chat_template: ChatTemplateOpt = None,
 ) -> None:
     """Sample the policy's answers (RUN/rollout/responses.jsonl). Rerunning resumes where it stopped."""
     from hallu.manifest import Run
     from hallu.rollout import RolloutOptions
     from hallu.rollout import rollout as run_rollout
 
+    load = load_options(device, dtype, attn, trust_remote_code, chat_template)
     opts = RolloutOptions(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          greedy=greedy, batch_size=batch_size, seed=seed, limit=limit, device=device,
-                          dtype=dtype, attn=attn, trust_remote_code=trust_remote_code)
+                          greedy=greedy, batch_size=batch_size, seed=seed, limit=limit, load=load)
     opts.allow_outside_images = allow_outside_images
     result = run_rollout(Run(run), model, prompts, opts)
     note("rollout", f"{result['responses']} responses in {result['path']}")

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from hallu.errors import HalluError
 from hallu.fileio import atomic_write_json, digest_json, iter_jsonl
 from hallu.manifest import Run, StageRun
+from hallu.models import LoadOptions
 from hallu.records import EvalItem, check_images
 from hallu.shards import JsonlShard
 
@@ -33,11 +34,8 @@ MODES = ("generate", "choice")
 class ModelOptions:
     """How to load and drive the model; everything here is recorded with the results."""
 
-    model: Path
-    device: str = "auto"
-    dtype: str = "auto"
-    attn: str = "sdpa"
-    trust_remote_code: bool = False
+    model: Path  # a folder, a Hub id or a PEFT adapter
+    load: LoadOptions = field(default_factory=LoadOptions)  # device, dtype, attn, remote code, chat template
     batch_size: int = 32
     mode: str = "generate"  # generate | choice
     choices: tuple[str, ...] = ("Yes", "No")
@@ -46,7 +44,8 @@ class ModelOptions:
     allow_outside_images: bool = False  # operational: see records.resolve_image
 
     def recorded(self) -> dict:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if k != "load"}
+        d.update(self.load.recorded())  # flat, under the keys results have always had (dtype, attn, ...)
         d["model"] = str(self.model)
         d["choices"] = list(self.choices)
         from hallu.manifest import OPERATIONAL_OPTIONS
@@ -57,21 +56,27 @@ class ModelOptions:
 
     @classmethod
     def from_recorded(cls, options: dict, device: str = "auto") -> ModelOptions:
-        names = {f.name for f in fields(cls)} - {"model", "device", "choices"}
-        return cls(model=Path(options["model"]), device=device, choices=tuple(options.get("choices", ("Yes", "No"))),
+        names = {f.name for f in fields(cls)} - {"model", "load", "choices"}
+        return cls(model=Path(options["model"]), load=LoadOptions.from_recorded(options, device),
+                   choices=tuple(options.get("choices", ("Yes", "No"))),
                    **{k: options[k] for k in names if k in options})
+
+    @classmethod
+    def from_knobs(cls, model: str | Path, knobs: dict) -> ModelOptions:
+        """From the flat flags a command passes (dtype=..., batch_size=...)."""
+        load_names = {f.name for f in fields(LoadOptions)}
+        load = LoadOptions(**{k: v for k, v in knobs.items() if k in load_names})
+        return cls(model=Path(model), load=load, **{k: v for k, v in knobs.items() if k not in load_names})
 
 
 def check_model_knobs(knobs: dict) -> None:
-    """Choice-valued model options, checked before a run folder is opened or a model is read, so a typo
-    costs one line and leaves nothing behind."""
-    from hallu.models import ATTN_CHOICES, DTYPE_CHOICES
-
-    for option, value, choices in (("--mode", knobs.get("mode", "generate"), MODES),
-                                   ("--dtype", knobs.get("dtype", "auto"), DTYPE_CHOICES),
-                                   ("--attn", knobs.get("attn", "sdpa"), ATTN_CHOICES)):
-        if value not in choices:
-            raise HalluError(f"{option} {value}: unknown; choose one of {', '.join(choices)}")
+    """Model options, checked before a run folder is opened or a model is read, so a typo (or a missing
+    --chat-template file) costs one line and leaves nothing behind. ``knobs`` may hold any subset."""
+    mode = knobs.get("mode", "generate")
+    if mode not in MODES:
+        raise HalluError(f"--mode {mode}: unknown; choose one of {', '.join(MODES)}")
+    load_names = {f.name for f in fields(LoadOptions)}
+    LoadOptions(**{k: v for k, v in knobs.items() if k in load_names}).validate()
 
 
 class ModelEval:
@@ -95,8 +100,7 @@ class ModelEval:
         """The run's options: the recorded ones when rescoring, else checked ones built from the flags."""
         if self.recorded is not None:
             return self.recorded
-        from hallu.manifest import dir_fingerprint
-        from hallu.models import read_model_config
+        from hallu.models import check_model
 
         if model is None:
             raise HalluError("--model M is required (or --rescore with an --out folder of an earlier run)")
@@ -104,9 +108,9 @@ class ModelEval:
             raise HalluError("--images DIR is required with --model: the folder holding the images")
         if not Path(images).is_dir():
             raise HalluError(f"--images {images}: not a folder")
-        read_model_config(model, knobs.get("trust_remote_code", False))
-        mopts = ModelOptions(model=Path(model), **knobs)
-        return {**benchmark_options, "images": str(Path(images).resolve()), "model_fingerprint": dir_fingerprint(model),
+        source = check_model(model, knobs.get("trust_remote_code", False))
+        mopts = ModelOptions.from_knobs(model, knobs)
+        return {**benchmark_options, "images": str(Path(images).resolve()), "model_fingerprint": source.fingerprint(),
                 **mopts.recorded()}
 
     @contextmanager
@@ -160,6 +164,7 @@ def generate(stage: StageRun, items: list[EvalItem], opts: ModelOptions, image_b
         first = unique[keys[0]]
         info = {"model": str(opts.model), "model_fingerprint": engine.fingerprint,
                 "chat_template_sha256": digest_json(engine.processor.chat_template),
+                "chat_template": engine.template.recorded(),  # source (model|packaged:NAME|file:PATH) + sha256
                 "prompt_example": engine.render(_request(first))}
 
         def work(batch: list[str], index: int) -> list[dict]:
@@ -181,8 +186,7 @@ def _request(item: EvalItem, key: str | None = None):
 def _load_engine(opts: ModelOptions, image_base: Path):
     from hallu.engine import Engine
 
-    return Engine.load(opts.model, device=opts.device, dtype=opts.dtype, attn=opts.attn,
-                       trust_remote_code=opts.trust_remote_code, batch_size=opts.batch_size, image_base=image_base,
+    return Engine.load(opts.model, opts.load, batch_size=opts.batch_size, image_base=image_base,
                        allow_outside_images=opts.allow_outside_images)
 
 

@@ -176,13 +176,25 @@ class Engine:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto", attn: str = "sdpa",
-             trust_remote_code: bool = False, **kwargs) -> Engine:
-        from hallu.models import load_model
+    template = None  # the ChatTemplate that renders prompts (source + sha256), set by load()
 
-        lm = load_model(path, device=device, dtype=dtype, attn=attn, trust_remote_code=trust_remote_code)
-        return cls(lm.model, lm.processor, fingerprint=lm.fingerprint, **kwargs)
+    @classmethod
+    def load(cls, model: str | os.PathLike, options=None, **kwargs) -> Engine:
+        """An engine over ``hallu.models.load_model(model, options)``: a folder, Hub id or adapter.
+
+        ``options`` is a :class:`~hallu.models.LoadOptions`; its field names (device, dtype, attn,
+        trust_remote_code, chat_template) may also be passed one by one. Other ``kwargs`` go to the engine.
+        """
+        from dataclasses import fields
+
+        from hallu.models import LoadOptions, load_model
+
+        names = {f.name for f in fields(LoadOptions)}
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        lm = load_model(model, options, **overrides)
+        engine = cls(lm.model, lm.processor, fingerprint=lm.fingerprint, **kwargs)
+        engine.template = lm.template
+        return engine
 
     # -- prompt rendering ------------------------------------------------------------------------------
 

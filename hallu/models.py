@@ -1,74 +1,148 @@
-"""Loading a vision-language model and its processor from a local folder.
+"""Loading a vision-language model and its processor: from a local folder, a Hub id, or a PEFT adapter.
 
 Anything ``AutoModelForImageTextToText`` loads is accepted (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL,
-InstructBLIP, Idefics3, ...). The folder is checked before any weights are read, so a wrong folder
-fails in milliseconds with a line that says what it is. Prompts are always rendered by the
-processor's chat template.
+InstructBLIP, Idefics3, ...). ``--model`` is resolved to folders by :mod:`hallu.hub` and checked before
+any weights are read, so a wrong one fails in well under a second with a line that says what it is.
+How to load (device, dtype, attention kernel, remote code, chat template) is one :class:`LoadOptions`,
+checked by ``validate()`` before a stage starts. Prompts are always rendered by a chat template: the
+model's, a ``--chat-template`` file, or the packaged one of its family (:mod:`hallu.processors`).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import functools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hallu.errors import HalluError
+from hallu.hub import ModelSource, first_line, resolve_model
+from hallu.processors import ChatTemplate
 
 ATTN_CHOICES = ("sdpa", "eager", "flash_attention_2", "auto")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu|npu)(:\d+)?)$")
+
+
+@dataclass
+class LoadOptions:
+    """How to load a model: the one definition behind every command's --device/--dtype/--attn/... flags."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "sdpa"
+    trust_remote_code: bool = False
+    chat_template: str | None = None  # a jinja file replacing the model's template
+
+    def validate(self) -> LoadOptions:
+        """Refuse typos and missing files before anything loads or is written (imports no torch)."""
+        if not _DEVICE.match(self.device):
+            raise HalluError(f"--device {self.device}: not a device; use auto, cpu, cuda, cuda:N (N a number) "
+                             "or mps")
+        if self.dtype not in DTYPE_CHOICES:
+            raise HalluError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPE_CHOICES)}")
+        if self.attn not in ATTN_CHOICES:
+            raise HalluError(f"--attn {self.attn}: choose one of {', '.join(ATTN_CHOICES)}")
+        self.template()
+        return self
+
+    def template(self) -> ChatTemplate | None:
+        """The --chat-template file, read and test-rendered; None when the model's own is used."""
+        from hallu.processors import template_file
+
+        return template_file(self.chat_template) if self.chat_template else None
+
+    def recorded(self) -> dict:
+        """The options as stages record them. Where it runs (device) does not change what it computes;
+        the template file is recorded only when given (older runs keep their options digest)."""
+        rec: dict[str, Any] = {"dtype": self.dtype, "attn": self.attn, "trust_remote_code": self.trust_remote_code}
+        if self.chat_template:
+            template = self.template()
+            rec.update(chat_template=str(self.chat_template), chat_template_sha256=template.sha256)
+        return rec
+
+    @classmethod
+    def from_recorded(cls, options: dict, device: str = "auto") -> LoadOptions:
+        names = {f.name for f in dataclasses.fields(cls)} - {"device"}
+        return cls(device=device, **{k: options[k] for k in names if k in options})
 
 
 @dataclass
 class LoadedModel:
     model: Any
     processor: Any
-    path: Path
+    path: Path  # the folder the weights came from (an adapter's base)
     model_type: str
-    fingerprint: str  # digest of the folder (config, tokenizer, weights), recorded with every output
+    fingerprint: str  # digest of the folder(s) (config, tokenizer, weights; base + adapter), recorded with outputs
+    source: ModelSource | None = None
+    template: ChatTemplate | None = None  # the chat template that renders prompts
+
+
+def check_model(model: str | os.PathLike, trust_remote_code: bool = False) -> ModelSource:
+    """Resolve ``model`` (folder, Hub id, adapter) and check it is an image-text-to-text model.
+
+    Reads config files only (and for an uncached Hub id online, downloads them): instant, no torch.
+    """
+    src = resolve_model(model, trust_remote_code=trust_remote_code)
+    cfg, where = src.config, f"--model {src.spec}"
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise HalluError(f"{where}: the model ships its own Python code (auto_map in config.json); "
+                         "pass --trust-remote-code if you trust it")
+    if not cfg.get("auto_map") and cfg.get("model_type") not in image_text_to_text_types():
+        raise HalluError(f"{where}: a '{cfg.get('model_type')}' model is not a vision-language "
+                         "(image-text-to-text) model")
+    return src
 
 
 def read_model_config(path: str | os.PathLike, trust_remote_code: bool = False) -> dict:
-    """Validate that ``path`` holds an image-text-to-text model; return its config.json.
+    """Validate that ``path`` names an image-text-to-text model; return its config.json (an adapter's base's)."""
+    return check_model(path, trust_remote_code).config
 
-    Only config.json is read: the check is instant and needs no torch.
+
+@functools.lru_cache(maxsize=1)
+def image_text_to_text_types() -> frozenset[str]:
+    """The model types ``AutoModelForImageTextToText`` loads.
+
+    Importing transformers' mapping imports torch (seconds), and this check runs before a stage takes its
+    lock, on every command; so the mapping is read from the installed transformers' source as a literal.
+    If that ever fails (a refactored file), the import is the fallback.
     """
-    p = Path(path)
-    if not p.exists():
-        raise HalluError(f"--model {p}: no such folder")
-    if not p.is_dir():
-        raise HalluError(f"--model {p}: is a file; expected a model folder (config.json, weights, processor)")
-    cfg_path = p / "config.json"
-    if not cfg_path.exists():
-        raise HalluError(f"--model {p}: no config.json, so this is not a model folder")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HalluError(f"{cfg_path}: not valid JSON ({e})") from None
-    model_type = cfg.get("model_type")
-    if cfg.get("auto_map") and not trust_remote_code:
-        raise HalluError(
-            f"--model {p}: the model ships its own Python code (auto_map in config.json); "
-            "pass --trust-remote-code if you trust it"
-        )
-    if not cfg.get("auto_map"):
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as vlm_types
+    import ast
+    import importlib.util
 
-        if model_type not in vlm_types:
-            raise HalluError(
-                f"--model {p}: a '{model_type}' model is not a vision-language (image-text-to-text) model"
-            )
-    return cfg
+    name = "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"
+    spec = importlib.util.find_spec("transformers")
+    if spec is not None and spec.submodule_search_locations:
+        source = Path(list(spec.submodule_search_locations)[0]) / "models" / "auto" / "modeling_auto.py"
+        try:
+            for node in ast.parse(source.read_text(encoding="utf-8")).body:
+                if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+                    return frozenset(k for k, _ in ast.literal_eval(node.value.args[0]))
+        except (OSError, SyntaxError, ValueError, AttributeError, IndexError, TypeError):
+            pass
+    from transformers.models.auto import modeling_auto
+
+    return frozenset(getattr(modeling_auto, name))
 
 
 def resolve_device(device: str) -> str:
     import torch
 
+    if not _DEVICE.match(device):
+        raise HalluError(f"--device {device}: not a device; use auto, cpu, cuda, cuda:N or mps")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HalluError(f"--device {device}: CUDA is not available on this machine")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise HalluError(f"--device {device}: CUDA is not available on this machine")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise HalluError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise HalluError("--device mps: MPS is not available on this machine")
     return device
 
 
@@ -104,22 +178,21 @@ def resolve_attention(attn: str, device: str) -> str:
     return attn
 
 
-def load_model(
-    path: str | os.PathLike,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    attn: str = "sdpa",
-    trust_remote_code: bool = False,
-) -> LoadedModel:
-    """Load model + processor for inference (eval mode, left padding for batched generation)."""
-    from hallu.manifest import dir_fingerprint
+def load_model(model: str | os.PathLike, options: LoadOptions | None = None, **fields: Any) -> LoadedModel:
+    """Load model + processor for inference (eval mode, left padding for batched generation).
 
-    p = Path(path)
-    cfg = read_model_config(p, trust_remote_code)
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    attn_impl = resolve_attention(attn, device)
+    ``model``: a folder, a Hub id or a PEFT adapter (merged into its base after loading). ``fields``
+    override single options (``load_model(path, dtype="float32")``). The weights go straight to the
+    target device in the resolved dtype (``device_map``), with no full copy in CPU memory first.
+    """
+    opts = dataclasses.replace(options or LoadOptions(), **fields).validate()
+    override = opts.template()
+    check_model(model, opts.trust_remote_code)  # before any download: a wrong model fails fast
+    src = resolve_model(model, trust_remote_code=opts.trust_remote_code, download=True)
+    where = f"--model {src.spec}"
+    device = resolve_device(opts.device)
+    torch_dtype = resolve_dtype(opts.dtype, device)
+    attn_impl = resolve_attention(opts.attn, device)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import transformers
@@ -128,23 +201,49 @@ def load_model(
     transformers.logging.disable_progress_bar()  # hallu draws its own progress
     from transformers import AutoModelForImageTextToText
 
-    from hallu.processors import load_processor
+    from hallu.processors import choose_chat_template, load_processor
 
+    model_type = src.config.get("model_type", "?")
+    # An adapter saved with its processor (hallu sft does) may carry a changed template or tokens.
+    proc_dir = src.adapter if src.adapter is not None and _has_processor(src.adapter) else src.path
     try:
-        processor = load_processor(p, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, ImportError) as e:
-        raise HalluError(f"--model {p}: cannot load its processor ({' '.join(str(e).split())[:200]})") from None
-    if getattr(processor, "chat_template", None) is None:
-        raise HalluError(f"--model {p}: the processor has no chat template, so prompts cannot be rendered")
+        processor = load_processor(proc_dir, trust_remote_code=opts.trust_remote_code)
+    except (OSError, ValueError, ImportError, KeyError, TypeError) as e:
+        raise HalluError(f"{where}: cannot load its processor from {proc_dir} ({first_line(e)})") from e
+    template = choose_chat_template(processor, model_type, override, where)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"
+    weights = _load_weights(AutoModelForImageTextToText, src, where, device, dtype=torch_dtype,
+                            attn_implementation=attn_impl, trust_remote_code=opts.trust_remote_code)
+    weights.eval()
+    return LoadedModel(weights, processor, src.path, model_type, src.fingerprint(), src, template)
+
+
+def _has_processor(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in ("processor_config.json", "preprocessor_config.json",
+                                                "tokenizer_config.json"))
+
+
+def _load_weights(auto_class, src: ModelSource, where: str, device: str, **kwargs):
+    import torch
+    from safetensors import SafetensorError  # a corrupt or truncated weights file
+
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            p, dtype=torch_dtype, attn_implementation=attn_impl, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        raise HalluError(f"--model {p}: cannot load its weights ({' '.join(str(e).split())[:200]})") from None
-    model.to(device)
-    model.eval()
-    return LoadedModel(model, processor, p, cfg.get("model_type", "?"), dir_fingerprint(p))
+        model = auto_class.from_pretrained(src.path, device_map=device, **kwargs)
+    except torch.OutOfMemoryError as e:
+        raise HalluError(f"{where}: its weights do not fit on {device} ({first_line(e)})") from e
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        raise HalluError(f"{where}: cannot load its weights from {src.path} ({first_line(e)})") from e
+    if src.adapter is None:
+        return model
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(src.adapter), is_trainable=False, torch_device=device)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise HalluError(f"{where}: cannot apply the adapter {src.adapter} to its base {src.base_spec} "
+                         f"({first_line(e)})") from e
+    # Merged, the model is a plain transformers model again: the engine's fast paths and the family checks
+    # see the architecture they know, and each forward skips the adapter's extra matmuls.
+    return peft_model.merge_and_unload()

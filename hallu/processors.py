@@ -1,13 +1,17 @@
-"""Loading processors on any machine: repairs for gaps in transformers 5.x processor loading.
+"""Processors on any machine, and the chat template that renders their prompts.
 
-``load_processor`` is ``AutoProcessor.from_pretrained`` plus two repairs, used everywhere hallu loads a
-processor (``hallu.models``, ``hallu.tiny``):
+``load_processor`` is ``AutoProcessor.from_pretrained`` plus two repairs for gaps in transformers 5.x
+processor loading, used everywhere hallu loads a processor (``hallu.models``, ``hallu.tiny``):
 
 * Qwen2-VL-style processors need a video processor, and every transformers 5.x video processor needs
   torchvision, which is not installable beside a CPU build of torch; images never touch the video
   processor, so a stand-in that keeps and saves the video settings lets them load;
 * some processor classes (InstructBLIP) drop the chat template in their constructor; it is taken back
   from the tokenizer.
+
+``choose_chat_template`` decides which template renders prompts: a ``--chat-template`` file, else the
+model's own, else the packaged one of its family (``data/templates``; real checkpoints such as
+InstructBLIP ship none). The choice is recorded with every output as a :class:`ChatTemplate`.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hallu.errors import HalluError
+from hallu.hub import first_line
 
 # --------------------------------------------------------------------------------------------------
 # Qwen2-VL without torchvision
@@ -139,3 +147,95 @@ def load_processor(path: str | Path, **kwargs):
     if getattr(processor, "chat_template", None) is None and getattr(tokenizer, "chat_template", None):
         processor.chat_template = tokenizer.chat_template
     return processor
+
+
+# --------------------------------------------------------------------------------------------------
+# Chat templates
+# --------------------------------------------------------------------------------------------------
+
+# model_type -> packaged template (data/templates/NAME.jinja) for folders that ship no template.
+PACKAGED_TEMPLATES = {"llava": "llava-1.5", "instructblip": "instructblip"}
+_TEST_QUESTION = "Is there a dog in the image?"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """The template that renders prompts and where it came from: model | packaged:NAME | file:PATH."""
+
+    source: str
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        from hallu.fileio import sha256_bytes
+
+        return sha256_bytes(self.text.encode("utf-8"))
+
+    def recorded(self) -> dict:
+        return {"source": self.source, "sha256": self.sha256}
+
+
+def packaged_template(name: str) -> ChatTemplate:
+    from importlib.resources import files
+
+    text = files("hallu.data").joinpath("templates", f"{name}.jinja").read_text(encoding="utf-8")
+    return ChatTemplate(f"packaged:{name}", text)
+
+
+def template_file(path: str | Path) -> ChatTemplate:
+    """A ``--chat-template`` file, checked by rendering a one-image test conversation (no torch needed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise HalluError(f"--chat-template {p}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise HalluError(f"--chat-template {p}: cannot read it as UTF-8 text ({e})") from e
+    template = ChatTemplate(f"file:{p}", text)
+    check_renders(template, f"--chat-template {p}")
+    return template
+
+
+def check_renders(template: ChatTemplate, where: str) -> str:
+    """Render a user turn (one image + a question) with a generation prompt; the question must appear."""
+    import jinja2
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from hallu.records import user_messages
+
+    try:
+        rendered, _ = render_jinja_template(conversations=[user_messages(_TEST_QUESTION, 1)],
+                                            chat_template=template.text, add_generation_prompt=True)
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise HalluError(f"{where}: the chat template does not render a test conversation "
+                         f"({type(e).__name__}: {first_line(e)})") from e
+    if _TEST_QUESTION not in rendered[0]:
+        raise HalluError(f"{where}: the chat template renders a test conversation without its question "
+                         f"(got {rendered[0][:80]!r})")
+    return rendered[0]
+
+
+def own_template(processor) -> str | None:
+    """The template a processor came with (a named set's "default"), or None."""
+    value = getattr(processor, "chat_template", None)
+    if isinstance(value, dict):
+        value = value.get("default") or next(iter(value.values()), None)
+    return value or None
+
+
+def choose_chat_template(processor, model_type: str, override: ChatTemplate | None, where: str) -> ChatTemplate:
+    """The override, else the model's own template, else its family's packaged one; set on ``processor``."""
+    if override is not None:
+        template = override
+    elif own_template(processor) is not None:
+        template = ChatTemplate("model", own_template(processor))
+    elif model_type in PACKAGED_TEMPLATES:
+        template = packaged_template(PACKAGED_TEMPLATES[model_type])
+    else:
+        raise HalluError(f"{where}: the model ships no chat template and hallu packages none for "
+                         f"'{model_type}' models; pass --chat-template FILE (a jinja template)")
+    processor.chat_template = template.text
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None and (override is not None or not getattr(tokenizer, "chat_template", None)):
+        tokenizer.chat_template = template.text  # trainers that render through the tokenizer see the same
+    return template

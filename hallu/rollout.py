@@ -7,11 +7,12 @@ exactly the file an uninterrupted one writes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hallu.errors import HalluError
 from hallu.manifest import Run
+from hallu.models import LoadOptions
 from hallu.records import Prompt, Response, check_images, read_records
 
 
@@ -25,11 +26,13 @@ class RolloutOptions:
     batch_size: int = 8
     seed: int = 0
     limit: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    attn: str = "sdpa"
-    trust_remote_code: bool = False
     allow_outside_images: bool = False
+    load: LoadOptions = field(default_factory=LoadOptions)  # device, dtype, attn, remote code, chat template
+
+    def recorded(self) -> dict:
+        """The stage's options: sampling knobs and load options side by side in one flat dict (the keys
+        runs have always recorded, plus chat_template when a file is given)."""
+        return {**{k: v for k, v in asdict(self).items() if k != "load"}, **self.load.recorded()}
 
 
 def default_prompts(run: Run) -> Path:
@@ -42,9 +45,11 @@ def default_prompts(run: Run) -> Path:
     )
 
 
-def rollout(run: Run, model: Path, prompts_path: Path | None, opts: RolloutOptions) -> dict:
-    from hallu.models import read_model_config
+def rollout(run: Run, model: str | Path, prompts_path: Path | None, opts: RolloutOptions) -> dict:
+    """``model``: a folder, a Hub id or a PEFT adapter (see :mod:`hallu.hub`)."""
+    from hallu.models import check_model
 
+    opts.load.validate()  # typos and a bad --chat-template fail before anything is read or written
     prompts_path = Path(prompts_path) if prompts_path else default_prompts(run)
     prompts = read_records(prompts_path, Prompt)
     if not prompts:
@@ -52,22 +57,21 @@ def rollout(run: Run, model: Path, prompts_path: Path | None, opts: RolloutOptio
     if opts.limit is not None:
         prompts = prompts[: opts.limit]
     check_images(prompts, prompts_path.parent, str(prompts_path), allow_outside=opts.allow_outside_images)
-    read_model_config(model, opts.trust_remote_code)
+    source = check_model(model, opts.load.trust_remote_code)
     if opts.greedy and opts.n > 1:
         raise HalluError("--greedy with --n > 1 would repeat one answer n times; sample instead")
 
-    options = asdict(opts)  # the stage leaves out what never changes a result (OPERATIONAL_OPTIONS)
+    options = opts.recorded()  # the stage leaves out what never changes a result (OPERATIONAL_OPTIONS)
     after = ("prepare",) if run.stage_record("prepare") else ()
-    with run.stage("rollout", options=options, inputs={"prompts": prompts_path, "model": model},
+    with run.stage("rollout", options=options, inputs={"prompts": prompts_path, **source.folders()},
                    after=after) as st:
         from hallu.engine import Decoding, Engine, GenRequest
         from hallu.stages import batch_seed, run_batched
 
-        st.extra["model"] = {"path": str(model), "fingerprint": None}
-        engine = Engine.load(model, device=opts.device, dtype=opts.dtype, attn=opts.attn,
-                             trust_remote_code=opts.trust_remote_code,
-                             batch_size=opts.batch_size * opts.n, image_base=prompts_path.parent,
+        st.extra["model"] = {**source.recorded(), "fingerprint": None}
+        engine = Engine.load(model, opts.load, batch_size=opts.batch_size * opts.n, image_base=prompts_path.parent,
                              allow_outside_images=opts.allow_outside_images)
+        st.extra["chat_template"] = engine.template.recorded()
 
         def work(batch: list[Prompt], index: int) -> list[dict]:
             decoding = Decoding(max_new_tokens=opts.max_new_tokens, do_sample=not opts.greedy,
