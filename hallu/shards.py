@@ -61,7 +61,10 @@ class JsonlShard:
                         f"{self.path}:{lineno}: corrupt line in a stage output (not a JSON record with "
                         f"'{self.key}'); delete the file to start the stage over"
                     ) from None
-        self._f = open(self.path, "a", encoding="utf-8")
+        try:
+            self._f = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise HalluError(f"{self.path}: cannot write ({e.strerror or e})") from None
         return done
 
     def append(self, records: list[dict]) -> None:
