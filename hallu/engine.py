@@ -300,11 +300,11 @@ class Engine:
         rows = self._target_rows(requests, include_eos)
         for batch in self._batches(rows, by_image=self.share_prefix):
             with torch.inference_mode():
-                logits, layout = self._target_forward(batch)
+                logits, layout, first = self._target_forward(batch, logits=True)
             out = []
             for row in batch:
                 k, q_cols = layout[id(row)]
-                lp = logits[k, q_cols - 1].float().log_softmax(-1)
+                lp = logits[k, q_cols - 1 - first].float().log_softmax(-1)
                 target = torch.tensor(row.target, device=lp.device)
                 picked = lp.gather(-1, target[:, None])[:, 0]
                 out.append(Score(row.request.id, row.sample, list(row.target), picked.tolist()))
@@ -338,7 +338,7 @@ class Engine:
             for batch in self._batches(rows, by_image=self.share_prefix):
                 capture = _AttentionCapture([decoder_layers[k].self_attn for k in resolved], image_id, per_token)
                 with torch.inference_mode():
-                    self._target_forward(batch, capture)
+                    self._target_forward(batch, capture=capture)
                 out = []
                 for row in batch:
                     shares, text, tokens = capture.result(row)
@@ -554,33 +554,37 @@ class Engine:
                 rows.append(_Row(r, k, target=target))
         return rows
 
-    def _target_forward(self, batch: list[_Row], capture: _AttentionCapture | None = None):
-        """Logits over every row's target, shared prefix where possible; also where each row's target sits.
+    def _target_forward(self, batch: list[_Row], *, logits: bool = False, capture: _AttentionCapture | None = None):
+        """One forward over every row's prompt and target, shared prefix where possible.
 
-        Returns the logits of the forward's input columns and, per row (by ``id``), its batch index in
-        those logits and the input columns of its target tokens (the logits predicting target token j
-        sit one column earlier: prompt and target are contiguous in every layout used here).
+        Returns ``(logits, layout, first)``: per row (by ``id``), ``layout`` holds its batch index and the
+        input columns of its target tokens; the logits predicting target token j sit one column earlier
+        (prompt and target are contiguous in every layout used here), and ``logits`` covers the input
+        columns from ``first`` on. Without ``logits`` the LM head runs on one column only.
         """
         if self.share_prefix:
             try:
-                return self._target_forward_shared(batch, capture)
+                return self._target_forward_shared(batch, logits, capture)
             except _FallBack:
                 self.share_prefix = False
-        return self._target_forward_plain(batch, capture)
+        return self._target_forward_plain(batch, logits, capture)
 
-    def _target_forward_shared(self, batch: list[_Row], capture: _AttentionCapture | None):
+    def _target_forward_shared(self, batch: list[_Row], logits: bool, capture: _AttentionCapture | None):
         import torch
 
         rows, cache, owner, ids, mask, pmax = self._prefill(batch)
         cache.batch_select_indices(torch.tensor(owner, device=ids.device))
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         layout = _target_layout(rows, mask, pmax)
+        # Suffixes are right-aligned, so every target and the column before it lie in the last
+        # (longest target + 1) columns: the LM head runs on those alone.
+        keep = max(len(r.target) for r in rows) + 1 if logits else 1
         with capture.hooks(rows, mask, pmax) if capture else _nothing():
             out = self.model(input_ids=ids[:, pmax:], attention_mask=mask, position_ids=pos[:, pmax:],
-                             cache=cache, use_cache=True)
-        return out.logits, layout
+                             cache=cache, use_cache=True, logits_to_keep=keep)
+        return out.logits, layout, ids.shape[1] - pmax - out.logits.shape[1]
 
-    def _target_forward_plain(self, batch: list[_Row], capture: _AttentionCapture | None):
+    def _target_forward_plain(self, batch: list[_Row], logits: bool, capture: _AttentionCapture | None):
         """The processor on every prompt, then each row re-laid as [prompt | target | right pads].
 
         Right padding keeps every real token at its unpadded position whatever the model's position scheme
@@ -611,8 +615,8 @@ class Engine:
         mask = enc["attention_mask"]
         layout = _target_layout(batch, mask, 0)
         with capture.hooks(batch, mask, 0) if capture else _nothing():
-            out = self.model(**enc, use_cache=False)
-        return out.logits, layout
+            out = self.model(**enc, use_cache=False, logits_to_keep=0 if logits else 1)
+        return out.logits, layout, width - out.logits.shape[1]
 
     def _decoder_layers(self):
         decoder = self.model.get_decoder()

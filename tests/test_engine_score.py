@@ -95,6 +95,23 @@ def test_score_equals_a_full_forward(models, family, shared):
     assert len(lengths) >= 3, "completions of different lengths"
 
 
+def test_score_when_completions_share_their_first_tokens(models):
+    # One prompt alone in its group: the common prefix would run into the answers ("A dog ...") if the
+    # engine did not stop it at the prompt's last token, whose logits predict every answer's first token.
+    lm = models["llava"]
+    img = _image(random.Random(5))
+    r = ScoreRequest("same-start", [img], "Describe the image.", completions=["A dog runs.", "A dog sits.", "A dog"])
+    engine = Engine(lm.model, lm.processor)
+    scores = [s for b in engine.score([r]) for s in b]
+    assert engine.share_prefix
+    assert scores[0].token_ids[:2] == scores[1].token_ids[:2] == scores[2].token_ids[:2]
+    for s, text in zip(scores, r.completions, strict=True):
+        ids, n, out = _full_forward(lm, r, text)
+        expected = out.logits[0, n - 1 : n - 1 + len(s.token_ids)].float().log_softmax(-1)
+        expected = expected.gather(-1, ids[n : n + len(s.token_ids), None])[:, 0]
+        assert s.logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+
+
 def test_score_without_the_end_of_turn_token(models):
     lm = models["llava"]
     reqs = _requests(multi_image=False)[:2]
