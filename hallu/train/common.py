@@ -359,51 +359,53 @@ def last_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 
 def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    from hallu import distributed
+
+    return distributed.is_main()
 
 
 class TrainingStage:
     """What a training command sees of its manifest stage, on every rank.
 
-    Rank 0 holds the real :class:`hallu.manifest.StageRun` (lock, manifest writes); other ranks get
-    the same methods as no-ops. ``resume_checkpoint`` is the one collective call: every rank must make
-    it, after the training arguments exist (they start the process group).
+    The :class:`hallu.manifest.StageRun` underneath is entered on every rank (rank 0 holds the lock and
+    writes; the others follow its decisions). ``resume_checkpoint`` is collective: every rank calls it.
     """
 
     def __init__(self, stage, out_dir: Path):
-        self.stage = stage  # None on ranks other than 0
+        self.stage = stage
         self.out_dir = Path(out_dir)
         self.extra: dict[str, Any] = {}
 
     @property
     def fresh(self) -> bool:
-        return True if self.stage is None else self.stage.fresh
+        return self.stage.fresh
 
     def resume_checkpoint(self) -> Path | None:
-        """The checkpoint to resume from (the same on every rank), recorded as ``resumed_from``.
+        """The checkpoint to resume from (rank 0 decides, every rank gets it), recorded as ``resumed_from``.
 
         When the options or inputs changed since the last attempt, its checkpoints are set aside as
         ``checkpoints.previous`` instead of resumed (never deleted: a typo must not cost a run).
         """
+        from hallu import distributed
+
         choice: Path | None = None
-        if self.stage is not None:
+        if distributed.is_main():
             ckpts = checkpoints_dir(self.out_dir)
             if self.stage.fresh and last_checkpoint(ckpts) is not None:
                 aside = ckpts.with_name("checkpoints.previous")
                 shutil.rmtree(aside, ignore_errors=True)
                 os.replace(ckpts, aside)
             choice = last_checkpoint(self.out_dir)
-        choice = _broadcast_from_rank_zero(choice)
+        shared = distributed.share(None if choice is None else str(choice), what="rank 0's resume checkpoint")
+        choice = None if shared is None else Path(shared)
         self.extra["resumed_from"] = None if choice is None else _relative(choice, self.out_dir.parent)
         return choice
 
     def output(self, key: str, path: str | os.PathLike, **extra: Any) -> None:
-        if self.stage is not None:
-            self.stage.output(key, path, **extra)
+        self.stage.output(key, path, **extra)
 
     def progress(self, done: int, total: int, force: bool = False) -> None:
-        if self.stage is not None:
-            self.stage.progress(done, total, force=force)
+        self.stage.progress(done, total, force=force)
 
 
 def _relative(p: Path, base: Path) -> str:
@@ -413,30 +415,16 @@ def _relative(p: Path, base: Path) -> str:
         return str(p)
 
 
-def _broadcast_from_rank_zero(value):
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = [None if value is None else str(value)]
-    dist.broadcast_object_list(box, src=0)
-    return None if box[0] is None else Path(box[0])
-
-
 @contextmanager
 def training_stage(run, name: str, options: dict, inputs: dict, out_dir: str | os.PathLike,
                    after: tuple[str, ...] = ()):
-    """The manifest stage of a training command (rank 0 writes; other ranks get a passive stand-in).
+    """The manifest stage of a training command, entered on every rank (rank 0 writes).
 
-    Records ``world_size``, ``zero_stage``, ``partitioned_parameters`` and ``resumed_from`` from the
-    returned object's ``extra`` when the stage ends, whether it succeeds or fails.
+    Records what the returned object's ``extra`` holds (``world_size``, ``zero_stage``,
+    ``partitioned_parameters``, ``resumed_from``, ...) when the stage ends, whether it succeeds or fails.
     """
-    out_dir = Path(out_dir)
-    if not is_rank_zero():
-        yield TrainingStage(None, out_dir)
-        return
     with run.stage(name, options=options, inputs=inputs, after=after) as st:
-        ts = TrainingStage(st, out_dir)
+        ts = TrainingStage(st, Path(out_dir))
         try:
             yield ts
         finally:

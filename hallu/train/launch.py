@@ -11,8 +11,6 @@ another config. Multi-node runs are accelerate's job: run ``accelerate launch --
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
@@ -82,49 +80,50 @@ def plan_launch(gpus: int | None, nproc: int | None, accelerate_config: str | No
     return {"processes": n, "deepspeed_config": ds_config, "accelerate_config_file": accel_file, "cpu": not cuda}
 
 
-def launch_command(plan: dict, argv: list[str]) -> list[str]:
-    """The ``accelerate launch`` command line that runs ``hallu <argv>`` as the planned ranks."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+def _strip_launch_options(argv: list[str]) -> list[str]:
+    """``argv`` without --gpus/--nproc/--accelerate-config (the ranks must not launch again)."""
+    drop = ("--gpus", "--nproc", "--accelerate-config")
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in drop:
+            skip = True
+            continue
+        if a.startswith(tuple(d + "=" for d in drop)):
+            continue
+        out.append(a)
+    return out
+
+
+def launcher_args(plan: dict) -> list[str]:
+    """The ``accelerate launch`` arguments that select DeepSpeed (or the user's accelerate config)."""
     if plan["accelerate_config_file"] is not None:
-        cmd += ["--config_file", str(plan["accelerate_config_file"])]
-        if plan["processes"] > 1:
-            cmd += ["--num_processes", str(plan["processes"])]
-    else:
-        cmd += ["--num_processes", str(plan["processes"]), "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if plan["deepspeed_config"] is not None:
-            cmd += ["--use_deepspeed", "--deepspeed_config_file", str(plan["deepspeed_config"])]
-        elif plan["processes"] > 1:
-            cmd += ["--multi_gpu"]
-    cmd += ["--main_process_port", str(_free_port()), "-m", "hallu", *argv]
-    return cmd
+        return ["--config_file", str(plan["accelerate_config_file"])]
+    if plan["deepspeed_config"] is not None:
+        return ["--use_deepspeed", "--deepspeed_config_file", str(plan["deepspeed_config"])]
+    return []
 
 
 def launch_if_requested(gpus: int | None, nproc: int | None, accelerate_config: str | None,
                         argv: list[str] | None = None) -> None:
-    """Run this command again under ``accelerate launch`` when asked to, then exit with its code.
+    """Run this command again as the planned ranks (``hallu.distributed.relaunch``), then exit 0.
 
-    Returns (doing nothing) when no launch is needed or when this process already is a rank.
+    Returns (doing nothing) when no launch is needed or when this process already is a rank. A rank
+    that fails surfaces here as one HalluError line (the relaunch keeps only the first rank's error).
     """
     plan = plan_launch(gpus, nproc, accelerate_config)
     if plan is None:
         return
-    argv = list(sys.argv[1:] if argv is None else argv)
-    env = dict(os.environ)
-    env["HALLU_LAUNCHED"] = "1"
-    env[_CONFIG_ENV] = str(plan["deepspeed_config"]) if plan["deepspeed_config"] else "none"
+    from hallu import distributed
+
+    argv = _strip_launch_options(list(sys.argv[1:] if argv is None else argv))
+    env = {"HALLU_LAUNCHED": "1",
+           _CONFIG_ENV: str(plan["deepspeed_config"]) if plan["deepspeed_config"] else "none"}
     if plan["cpu"]:
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        if plan["deepspeed_config"] is None:
-            env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo; without it N lone runs (cpu-stack.md §5a)
-    try:
-        rc = subprocess.call(launch_command(plan, argv), env=env)
-    except KeyboardInterrupt:
-        rc = 130
-    raise SystemExit(rc)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
+    counts = {"gpus": plan["processes"]} if not plan["cpu"] else {"nproc": plan["processes"]}
+    distributed.relaunch(argv, launcher_args=launcher_args(plan), env=env, **counts)
+    raise SystemExit(0)
