@@ -82,6 +82,15 @@ def world(tmp_path_factory):
     return root
 
 
+def cli_in_subprocess(*args) -> tuple[int, str, bool]:
+    """Run the CLI in a fresh interpreter: (exit code, stderr, whether torch got imported on the way)."""
+    code = ("import sys\nfrom hallu.commands import app\ntry:\n    app(sys.argv[1:])\nfinally:\n"
+            "    print('TORCH' if 'torch' in sys.modules else 'NO TORCH', file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+    *lines, marker = proc.stderr.strip().splitlines()
+    return proc.returncode, "\n".join(lines), marker == "TORCH"
+
+
 def _write_prompts(folder: Path, rows) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     p = folder / "prompts.jsonl"
@@ -253,14 +262,10 @@ def test_unreadable_first_image_fails_before_the_model_loads(world, tmp_path):
     (data / "broken.png").write_bytes(b"\x89PNG but not really")
     p = _write_prompts(data, [{"id": "a", "images": ["broken.png"], "question": "q"}])
     before = listing(tmp_path)
-    code = ("import sys; from hallu.commands import app\n"
-            "try:\n    app([" + ", ".join(repr(a) for a in ["rollout", "--run", str(tmp_path / "run"), "--model",
-                                                              str(world / "model"), "--prompts", str(p)]) + "])\n"
-            "finally:\n    print('torch loaded' if 'torch' in sys.modules else 'torch never loaded', file=sys.stderr)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1] == "torch never loaded"
-    one_error_line("\n".join(lines[:-1]), proc.returncode, "prompt 'a'", "broken.png cannot be read")
+    rc, stderr, torch_loaded = cli_in_subprocess("rollout", "--run", tmp_path / "run", "--model", world / "model",
+                                                 "--prompts", p)
+    assert not torch_loaded
+    one_error_line(stderr, rc, "prompt 'a'", "broken.png cannot be read")
     assert listing(tmp_path) == before
 
 
@@ -284,15 +289,12 @@ def test_second_process_fails_before_model_imports(world, tmp_path):
     holder.start()
     try:
         assert started.wait(30)
-        code = ("import sys; from hallu.commands import app\n"
-                "try:\n    app([" + ", ".join(repr(a) for a in ["rollout", "--run", str(tmp_path / "run"), "--model",
-                                                                  str(world / "model"), "--prompts", str(p)]) + "])\n"
-                "finally:\n    print('torch loaded' if 'torch' in sys.modules else 'torch never loaded', "
-                "file=sys.stderr)\n")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        lines = proc.stderr.strip().splitlines()
-        assert lines[-1] == "torch never loaded"
-        one_error_line("\n".join(lines[:-1]), proc.returncode, "stage 'rollout'", "already running")
+        t = time.monotonic()
+        rc, stderr, torch_loaded = cli_in_subprocess("rollout", "--run", tmp_path / "run", "--model",
+                                                     world / "model", "--prompts", p)
+        assert not torch_loaded, "the lock must be checked before torch is imported"
+        one_error_line(stderr, rc, "stage 'rollout'", "already running")
+        assert time.monotonic() - t < 30
         assert not (tmp_path / "run" / "rollout").exists()
     finally:
         release.set()
