@@ -269,8 +269,9 @@ def test_help_is_light_and_lists_only_built_commands():
             "print('HEAVY' if {'torch', 'transformers'} & set(sys.modules) else 'LIGHT')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("LIGHT"), "hallu --help must not import torch or transformers"
-    # Command rows of the help panel: "│ name  description"; wrapped lines and options start otherwise.
-    commands = [line.split()[1] for line in out.splitlines() if line.startswith("│ ") and line[2] not in " -"]
+    # Command rows of the plain help: "  name  description" under "Commands:"; wrapped lines are indented deeper.
+    section = out.split("Commands:", 1)[1].splitlines()
+    commands = [line.split()[0] for line in section if line.startswith("  ") and line[2] != " " and line.strip()]
     assert commands[:5] == ["prepare", "rollout", "eval", "status", "demo"], commands
     for missing in ("revise", "sft", "dpo", "merge-lora"):
         assert missing not in commands, f"{missing} is not built yet and must not be registered"
