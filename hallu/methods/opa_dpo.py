@@ -69,7 +69,7 @@ def token_weights(offsets: list[tuple[int, int]], spans: list[tuple[int, int, fl
     for start, end in offsets:
         w = 1.0
         for s, e, sw in spans:
-            if s <= start < e or (start == end == s):
+            if start < e and s < end:  # overlap: a BPE token " A" starts on the space before its sentence
                 w = sw
                 break
         out.append(w)

@@ -84,9 +84,10 @@ def resolve(spec: MethodSpec, opts: DpoOptions):
         raise HalluError(f"--reference {reference}: choose one of {', '.join(REFERENCES)}")
     if reference == "adapter-off" and not opts.lora:
         raise HalluError("--reference adapter-off needs a LoRA policy (drop --full, or use --reference precomputed)")
-    if overrides.get("gradient_checkpointing"):
-        raise HalluError("--set gradient_checkpointing=true: the shared-prompt forward needs the KV cache, "
-                         "which gradient checkpointing turns off")
+    for key in ("gradient_checkpointing", "activation_checkpointing"):
+        if overrides.get(key):
+            raise HalluError(f"--set {key}=true: the shared-prompt forward needs the KV cache, "
+                             "which activation checkpointing turns off")
     return overrides, method_opts, reference
 
 
@@ -201,6 +202,8 @@ class _Batch:
 
     def sequences(self, model) -> dict[str, Any]:
         """Per-token log-probs [B, T] and masks of every scored sequence, in ``Example.ref`` order."""
+        import torch
+
         from hallu.train import pair_forward as pf
 
         device = next(model.parameters()).device
@@ -221,7 +224,9 @@ class _Batch:
             m = pf.continuation_logps(model, masked, two, self.pad_id, share)
             seqs += [_rows(m.token_logps, 2, 0), _rows(m.token_logps, 2, 1)]
             masks += [_rows(m.mask, 2, 0), _rows(m.mask, 2, 1)]
-        return {"logps": seqs, "masks": masks}
+        width = max(t.shape[1] for t in seqs)  # one width for all, so token t lines up across sequences
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+        return {"logps": [pad(t) for t in seqs], "masks": [pad(t) for t in masks]}
 
     def _masked_pixels(self, pixel_values, share: bool, k: int):
         """One masked draw per example, seeded by its id: the policy and reference passes see the same image."""
@@ -450,9 +455,12 @@ def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opt
         output_dir=str(common.checkpoints_dir(out_dir)), per_device_train_batch_size=opts.batch_size,
         gradient_accumulation_steps=opts.grad_accum, save_strategy="steps", save_steps=opts.save_steps,
         logging_steps=opts.logging_steps, seed=opts.seed, data_seed=opts.seed, report_to=opts.report_to,
-        remove_unused_columns=False, gradient_checkpointing=False, disable_tqdm=True,
+        remove_unused_columns=False, disable_tqdm=True,
         dataloader_num_workers=0, **common.trainer_precision_kwargs(),
     )
+    # the shared-prompt forward needs the KV cache, which activation checkpointing turns off (TRL defaults it on)
+    fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    args_kwargs["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = False
     if opts.max_steps is not None:
         args_kwargs["max_steps"] = opts.max_steps
     args_kwargs.update(common.distributed_args_kwargs())
