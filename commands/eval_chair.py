@@ -24,6 +24,7 @@ from hallu.commands._common import (
     TrustOpt,
     boundary,
     err_console,
+    note,
     out_console,
     relaunch_if_asked,
     template_arg,
@@ -112,7 +113,7 @@ def chair(
             from hallu.fileio import atomic_write_json
 
             atomic_write_json(json_out, result)
-        err_console.print(f"[green]chair[/]: results in {path}")
+        note("chair", f"results in {path}")
         return
     if captions is None:
         raise HalluError("--captions FILE is required (the captions to score)")
@@ -131,7 +132,7 @@ def chair(
         atomic_write_json(json_out, result)
     out_console.print(metrics_table(result))
     if json_out is not None:
-        err_console.print(f"[green]chair[/]: results in {json_out}")
+        note("chair", f"results in {json_out}")
 
 
 def _pct(value: float | None) -> str:

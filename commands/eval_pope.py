@@ -32,6 +32,7 @@ from hallu.commands._common import (
     boundary,
     err_console,
     out_console,
+    plain,
     relaunch_if_asked,
     template_arg,
 )
@@ -122,7 +123,7 @@ def pope(
                  chat_template=template_arg(chat_template)),
         )
         _report(result, json_out)
-        err_console.print(f"results written to {results_path}")
+        err_console.print(f"results written to {results_path}", markup=False)
         return
     if not questions:
         raise HalluError("--questions is required: the POPE question file(s) to score against")
@@ -182,11 +183,11 @@ def _report(result: dict, json_out: Path | None) -> None:
     names = list(splits)
     prefix, heads = _short_names(names)
     title = " ".join(filter(None, ["POPE", prefix.rstrip("_"), f"({result['parser']} parser), rates in %"]))
-    table = Table(title=title, title_justify="left")
+    table = Table(title=plain(title), title_justify="left")  # split names come from file names
     table.add_column("metric")
     columns = [splits[n]["metrics"] for n in names]
     for head in heads:
-        table.add_column(head, justify="right")
+        table.add_column(plain(head), justify="right")
     if len(names) > 1:
         # The mean over splits is what most papers quote; pooled is VLMEvalKit's "Overall".
         table.add_column("mean", justify="right")
@@ -206,9 +207,9 @@ def _report(result: dict, json_out: Path | None) -> None:
                           "not of predictions")
     for split, entry in splits.items():
         for note in entry.get("notes", []):
-            err_console.print(f"[yellow]note[/] ({split}): {note}", soft_wrap=True)
+            err_console.print(f"[yellow]note[/] ({plain(split)}): {plain(note)}", soft_wrap=True)
     for note in result.get("notes", []):
-        err_console.print(f"[yellow]note[/]: {note}", soft_wrap=True)
+        err_console.print(f"[yellow]note[/]: {plain(note)}", soft_wrap=True)
     if json_out is not None:
         atomic_write_json(json_out, result)
-        err_console.print(f"results written to {json_out}")
+        err_console.print(f"results written to {json_out}", markup=False)

@@ -182,7 +182,7 @@ def shr(
     ids = bench.load_image_list(image_list) if image_list is not None else None
     wanted = ids if ids is not None else [int(k) for k in resp]
     fact_map = bench.load_facts(facts or [])
-    err_console.print(f"reading Visual Genome from {vg} ...", soft_wrap=True)
+    err_console.print(f"reading Visual Genome from {vg} ...", soft_wrap=True, markup=False)
     vgdata = bench.load_visual_genome(image_data, regions, keep=wanted)
     inputs = {
         "responses": {"path": str(responses), "sha256": sha256_file(responses)},
@@ -233,7 +233,7 @@ def _print(result: dict, json_out: Path) -> None:
             f"{usage['cached_replies']} cached, {usage['retries']} retries, "
             f"{usage['prompt_tokens']}+{usage['completion_tokens']} tokens, "
             f"cost {'unknown' if cost is None else f'{cost:.4f} USD'}",
-            soft_wrap=True,
+            soft_wrap=True, markup=False,
         )
     if c["judge_api_failures"]:
         err_console.print(
@@ -241,4 +241,4 @@ def _print(result: dict, json_out: Path) -> None:
             "sentences count as unclassified. Rerun the same command to retry them (cached replies are kept).",
             soft_wrap=True,
         )
-    err_console.print(f"wrote {json_out}", soft_wrap=True)
+    err_console.print(f"wrote {json_out}", soft_wrap=True, markup=False)
