@@ -23,7 +23,6 @@ from hallu.commands._common import (
     NprocOpt,
     TrustOpt,
     boundary,
-    err_console,
     note,
     out_console,
     relaunch_if_asked,
