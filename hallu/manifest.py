@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from hallu import __version__
-from hallu.errors import HalluError
 from hallu.digests import file_digest
+from hallu.errors import HalluError
 from hallu.fileio import atomic_write_json, digest_json, read_json, sha256_bytes
 
 SCHEMA_VERSION = 1
