@@ -194,7 +194,7 @@ def leave_if_worker() -> None:
 # --------------------------------------------------------------------------------------------------
 # Launching N ranks of this command
 
-_RANK_LINE = re.compile(r"^\[[A-Za-z_]*?(\d+)\]:(.*)$")  # torchrun --tee: "[default1]:text"
+_RANK_LINE = re.compile(r"^\[[A-Za-z_]+?(\d+)\]:(.*)$")  # torchrun --tee: "[default1]:text"
 _ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
 _AGENT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
 # Lines a rank's CLI boundary prints when it stops; the parent prints one of them, not N.
