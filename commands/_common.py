@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+from hallu.distributed import WorkerDone
 from hallu.errors import HalluError, Terminated
 
 # Messages and progress go to stderr; stdout carries only results (tables, JSON) so it can be piped.
@@ -58,6 +59,8 @@ def boundary(fn):
         except KeyboardInterrupt as e:
             err_console.print(Text.assemble(("interrupted", "yellow"), "; rerun the same command to resume"))
             sys.exit(e.exit_code if isinstance(e, Terminated) else 130)
+        except WorkerDone:  # a rank other than 0 whose share is merged: the rest is rank 0's
+            sys.exit(0)
 
     return wrapper
 
@@ -124,3 +127,67 @@ def load_options(device: str, dtype: str, attn: str, trust_remote_code: bool, ch
 
     return LoadOptions(device=device, dtype=dtype, attn=attn, trust_remote_code=trust_remote_code,
                        chat_template=template_arg(chat_template)).validate()
+
+
+NprocOpt = Annotated[
+    int | None,
+    typer.Option("--nproc", min=1, help="Run as N processes on this machine (CPU ranks over gloo; one GPU each "
+                                        "on a CUDA machine): hallu relaunches itself under accelerate launch."),
+]
+GpusOpt = Annotated[
+    int | None,
+    typer.Option("--gpus", min=1, help="Run as N processes, one per CUDA GPU (cuda:LOCAL_RANK, nccl), under "
+                                       "accelerate launch."),
+]
+
+
+def relaunch_if_asked(ctx: typer.Context, nproc: int | None, gpus: int | None, with_model: bool = True) -> None:
+    """With ``--nproc N`` / ``--gpus N`` (N > 1): run this same command as N ranks and exit with its code.
+
+    Returns (doing nothing) without them, or for N = 1, which runs in this process. The ranks get the
+    command line the user typed, rebuilt from the parsed options, minus --nproc/--gpus. ``with_model``:
+    False for an eval that only scores stored answers, which has nothing to share out.
+    """
+    if nproc is None and gpus is None:
+        return
+    if not with_model:
+        raise HalluError("--nproc/--gpus: only with --model (scoring stored answers runs in one process)")
+    if (nproc or 1) <= 1 and (gpus or 1) <= 1 and not (nproc is not None and gpus is not None):
+        return
+    from hallu import distributed
+
+    env = {"HALLU_DEBUG": "1"} if state.debug else {}
+    sys.exit(distributed.relaunch(command_argv(ctx, drop=("nproc", "gpus")), nproc=nproc, gpus=gpus, env=env))
+
+
+def command_argv(ctx, drop: tuple[str, ...] = ()) -> list[str]:
+    """The command line of the running command (subcommand path + the options the user gave)."""
+    path: list[str] = []
+    c = ctx
+    while c.parent is not None:
+        path.insert(0, c.info_name)
+        c = c.parent
+    args: list[str] = []
+    for p in ctx.command.params:
+        source = ctx.get_parameter_source(p.name)
+        if p.name in drop or source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            continue
+        value = ctx.params.get(p.name)
+        if p.param_type_name != "option":
+            args += [str(v) for v in (value if isinstance(value, list | tuple) else [value])]
+            continue
+        if p.is_flag and isinstance(value, bool):
+            flag = p.opts[0] if value else (p.secondary_opts[0] if p.secondary_opts else None)
+            args += [flag] if flag else []
+        elif value is None:
+            continue
+        elif p.multiple:
+            for v in value:
+                args += [p.opts[0], _arg(v)]
+        else:
+            args += [p.opts[0], _arg(value)]
+    return path + args
+
+
+def _arg(value) -> str:
+    return str(getattr(value, "value", value))

@@ -32,6 +32,7 @@ from hallu.commands._common import (
 
 @boundary
 def chair(
+    ctx: typer.Context,
     captions: Annotated[
         Path | None,
         typer.Option(
@@ -88,11 +89,7 @@ def chair(
 ) -> None:
     """CHAIR (Rohrbach et al. 2018) exactly as the official script computes it: score captions made
     elsewhere (--captions), or caption seeded images with --model first (OPERA's protocol)."""
-    if model is None and (nproc or gpus):
-        from hallu.errors import HalluError
-
-        raise HalluError("--nproc/--gpus: only with --model (scoring stored answers runs in one process)")
-    relaunch_if_asked(nproc, gpus)
+    relaunch_if_asked(ctx, nproc, gpus, with_model=model is not None)
     from hallu.errors import HalluError
     from hallu.evals import chair as bench
     from hallu.evals.generation import check_model_knobs

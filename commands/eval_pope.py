@@ -48,6 +48,7 @@ _ROWS = (
 
 @boundary
 def pope(
+    ctx: typer.Context,
     questions: Annotated[
         list[Path] | None,
         typer.Option("--questions",
@@ -98,11 +99,7 @@ def pope(
 ) -> None:
     """Score POPE answers against question files: accuracy, precision, recall, F1 and yes-ratio per split
     and averaged over splits, under the chosen codebase's parsing rule."""
-    if model is None and (nproc or gpus):
-        from hallu.errors import HalluError
-
-        raise HalluError("--nproc/--gpus: only with --model (scoring stored answers runs in one process)")
-    relaunch_if_asked(nproc, gpus)
+    relaunch_if_asked(ctx, nproc, gpus, with_model=model is not None)
     from hallu.errors import HalluError
     from hallu.evals import pope as P
     from hallu.evals.generation import check_model_knobs

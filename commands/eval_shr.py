@@ -45,6 +45,7 @@ _METRIC_ROWS = (
 
 @boundary
 def shr(
+    ctx: typer.Context,
     json_out: Annotated[
         Path | None,
         typer.Option("--json", help="Where to write the result JSON (with --model: also OUT/results.json)."),
@@ -110,11 +111,7 @@ def shr(
     gpus: GpusOpt = None,
 ) -> None:
     """Score responses with SHR: a GPT judge checks each sentence against Visual Genome regions and facts."""
-    if model is None and (nproc or gpus):
-        from hallu.errors import HalluError
-
-        raise HalluError("--nproc/--gpus: only with --model (scoring stored answers runs in one process)")
-    relaunch_if_asked(nproc, gpus)
+    relaunch_if_asked(ctx, nproc, gpus, with_model=model is not None)
     from hallu.errors import HalluError
     from hallu.evals import shr as bench
     from hallu.evals.generation import check_model_knobs

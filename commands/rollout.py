@@ -13,15 +13,19 @@ from hallu.commands._common import (
     ChatTemplateOpt,
     DeviceOpt,
     DtypeOpt,
+    GpusOpt,
     ModelOpt,
+    NprocOpt,
     RunOpt,
     TrustOpt,
     load_options,
     note,
+    relaunch_if_asked,
 )
 
 
 def rollout(
+    ctx: typer.Context,
     run: RunOpt,
     model: ModelOpt,
     prompts: Annotated[
@@ -43,8 +47,11 @@ def rollout(
     trust_remote_code: TrustOpt = False,
     allow_outside_images: AllowOutsideImagesOpt = False,
     chat_template: ChatTemplateOpt = None,
+    nproc: NprocOpt = None,
+    gpus: GpusOpt = None,
 ) -> None:
     """Sample the policy's answers (RUN/rollout/responses.jsonl). Rerunning resumes where it stopped."""
+    relaunch_if_asked(ctx, nproc, gpus)
     from hallu.manifest import Run
     from hallu.rollout import RolloutOptions
     from hallu.rollout import rollout as run_rollout

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,8 @@ def generate(stage: StageRun, items: list[EvalItem], opts: ModelOptions, image_b
     template's digest and one rendered prompt. When every answer is already stored (a finished run, a
     rescore) the model is not even loaded and ``info`` comes from the earlier attempt.
     """
-    from hallu.stages import run_batched
+    from hallu import distributed as D
+    from hallu.stages import fold_leftover_shards, run_batched
 
     if opts.mode not in MODES:
         raise HalluError(f"--mode {opts.mode}: choose one of {', '.join(MODES)}")
@@ -152,11 +153,15 @@ def generate(stage: StageRun, items: list[EvalItem], opts: ModelOptions, image_b
     keys = list(unique)
     out = stage.run.dir / GENERATIONS
     done: set[str] = set()
-    if out.exists() and not stage.fresh:
-        shard = JsonlShard(out)  # also cuts a torn last line left by a killed run
-        done = set(shard.open())
-        shard.close()
-    if all(k in done for k in keys):
+    if D.is_main() and not stage.fresh:
+        fold_leftover_shards(out)  # what the ranks of a killed launch wrote counts as stored
+        if out.exists():
+            shard = JsonlShard(out)  # also cuts a torn last line left by a killed run
+            done = set(shard.open())
+            shard.close()
+    # Rank 0 decides for every rank whether the model runs: all ranks enter the batch loop, or none.
+    if D.share(all(k in done for k in keys), what="rank 0 to read the stored generations"):
+        D.leave_if_worker()  # nothing to generate; scoring and results are rank 0's
         info = stage.previous.get("generation") or {}
     else:
         check_images(items, image_base, label, allow_outside=opts.allow_outside_images, what="item")
@@ -184,9 +189,11 @@ def _request(item: EvalItem, key: str | None = None):
 
 
 def _load_engine(opts: ModelOptions, image_base: Path):
+    from hallu.distributed import rank_device
     from hallu.engine import Engine
 
-    return Engine.load(opts.model, opts.load, batch_size=opts.batch_size, image_base=image_base,
+    load = replace(opts.load, device=rank_device(opts.load.device))
+    return Engine.load(opts.model, load, batch_size=opts.batch_size, image_base=image_base,
                        allow_outside_images=opts.allow_outside_images)
 
 

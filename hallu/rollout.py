@@ -65,8 +65,11 @@ def rollout(run: Run, model: str | Path, prompts_path: Path | None, opts: Rollou
     after = ("prepare",) if run.stage_record("prepare") else ()
     with run.stage("rollout", options=options, inputs={"prompts": prompts_path, **source.folders()},
                    after=after) as st:
+        from hallu.distributed import rank_device
         from hallu.engine import Decoding, Engine, GenRequest
         from hallu.stages import batch_seed, run_batched
+
+        opts.load.device = rank_device(opts.load.device)  # under N ranks: cuda:LOCAL_RANK each
 
         st.extra["model"] = {**source.recorded(), "fingerprint": None}
         engine = Engine.load(model, opts.load, batch_size=opts.batch_size * opts.n, image_base=prompts_path.parent,
