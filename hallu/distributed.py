@@ -84,13 +84,14 @@ def is_distributed() -> bool:
 
 def rank_device(device: str) -> str:
     """The device a rank computes on: ``cuda:LOCAL_RANK`` when CUDA is there and the user asked for
-    ``auto`` or plain ``cuda``; otherwise what was asked (``cpu``, an explicit ``cuda:3``)."""
+    ``auto`` or plain ``cuda``; otherwise what was asked (``cpu``, an explicit ``cuda:3``). With more
+    ranks than GPUs (``--nproc`` on a small CUDA machine) ranks share them in turn."""
     if not is_distributed() or device not in ("auto", "cuda"):
         return device
     import torch
 
     if torch.cuda.is_available():
-        return f"cuda:{local_rank()}"
+        return f"cuda:{local_rank() % torch.cuda.device_count()}"
     return device
 
 
@@ -112,7 +113,7 @@ def init() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and world_size() <= torch.cuda.device_count():
             torch.cuda.set_device(local_rank())
             dist.init_process_group("nccl", timeout=timedelta(minutes=30))
         else:
