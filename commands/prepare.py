@@ -26,15 +26,18 @@ def shapes(
     """The offline shapes world: glyph images standing for COCO categories, with COCO instances and
     captions, VG-style regions, POPE objects and prompt records ready for `hallu rollout`."""
     from hallu.data import shapes as world
-    from hallu.fileio import StagedDir
+    from hallu.fileio import StagedDir, set_aside
     from hallu.manifest import Run
 
     run = Run(out, flag="--out")
     options = {"dataset": "shapes", "images": images, "seed": seed, "world_version": world.WORLD_VERSION}
+    data = out / "data"
     with run.stage("prepare", options=options) as st:
-        with StagedDir(out / "data") as tmp:
+        with StagedDir(data) as tmp:
             summary = world.build_world(tmp, n_images=images, seed=seed)
-        data = out / "data"
+            # Only once the new world is built: a world made with other options is kept, never replaced.
+            if st.fresh and data.is_dir() and any(data.iterdir()):
+                _superseded(data, set_aside(data))
         st.output("prompts", data / world.PROMPTS_FILE, count=summary["prompts"])
         st.output("images", data / "images", count=summary["images"])
         st.output("annotations", data / "annotations")
@@ -60,13 +63,19 @@ def tiny_model(
     from hallu import tiny
     from hallu.data.shapes import tokenizer_corpus
     from hallu.errors import HalluError
-    from hallu.fileio import StagedDir
+    from hallu.fileio import StagedDir, set_aside
 
     if family not in tiny.FAMILIES:
         raise HalluError(f"--family {family}: unknown; choose one of {', '.join(tiny.FAMILIES)}")
     with StagedDir(out) as tmp:
         info = tiny.build_tiny_model(family, tmp, corpus=tokenizer_corpus(), seed=seed)
+        if out.is_dir() and any(out.iterdir()):  # a model folder is never silently overwritten
+            _superseded(out, set_aside(out))
     note(f"tiny {family}", f"{info['parameters']:,} parameters in {out}")
+
+
+def _superseded(path: Path, kept: Path) -> None:
+    note("kept", f"{path} held an earlier build; it is now {kept}", style="yellow")
 
 
 app.command("pope")(prepare_pope.pope)

@@ -380,3 +380,24 @@ def test_one_set_of_operational_options(world, tmp_path):
     assert "previous" not in r.output, "an operational option restarted the stage"
     assert Run(tmp_path / "run").stage_record("rollout")["options_digest"] == first["options_digest"]
     assert not list((tmp_path / "run" / "rollout").glob("*.previous*"))
+
+
+def test_prepare_with_other_options_keeps_the_earlier_world(tmp_path):
+    out = tmp_path / "w"
+    assert cli("prepare", "shapes", "--out", out, "--images", 2).exit_code == 0
+    first = listing(out / "data")
+    r = cli("prepare", "shapes", "--out", out, "--images", 2)  # same options: the same world, nothing set aside
+    assert r.exit_code == 0 and "kept" not in r.output and not (tmp_path / "w" / "data.previous-1").exists()
+    r = cli("prepare", "shapes", "--out", out, "--images", 3)
+    assert r.exit_code == 0, r.output
+    assert f"kept: {out / 'data'} held an earlier build; it is now {out / 'data.previous-1'}" in r.output
+    assert listing(out / "data.previous-1") == first
+    assert Run(out).stage_record("prepare")["summary"]["images"] == 3
+    assert len(list((out / "data" / "images").iterdir())) == 3
+    assert len(list((out / "data.previous-1" / "images").iterdir())) == 2
+    r = cli("prepare", "tiny-model", "--family", "llava", "--out", tmp_path / "m")
+    assert r.exit_code == 0
+    model = listing(tmp_path / "m")
+    r = cli("prepare", "tiny-model", "--family", "llava", "--out", tmp_path / "m", "--seed", 1)
+    assert r.exit_code == 0 and "it is now" in r.output
+    assert listing(tmp_path / "m.previous-1") == model
