@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from hallu.commands._common import (
+    AllowOutsideImagesOpt,
     AttnOpt,
     BatchOpt,
     ChatTemplateOpt,
@@ -83,6 +84,7 @@ def chair(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "sdpa",
     trust_remote_code: TrustOpt = False,
+    allow_outside_images: AllowOutsideImagesOpt = False,
     chat_template: ChatTemplateOpt = None,
     nproc: NprocOpt = None,
     gpus: GpusOpt = None,
@@ -101,7 +103,8 @@ def chair(
         if captions is not None:
             raise HalluError("--captions scores captions made elsewhere; it cannot be combined with --model/--rescore")
         knobs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype, attn=attn,
-                     trust_remote_code=trust_remote_code, chat_template=template_arg(chat_template))
+                     trust_remote_code=trust_remote_code, chat_template=template_arg(chat_template),
+                     allow_outside_images=allow_outside_images)
         result, path = bench.evaluate_model(model, images, coco_annotations, out, rescore, knobs, n_images=n_images,
                                             seed=seed, prompt=prompt, unknown_images=unknown_images)
         out_console.print(metrics_table(result))

@@ -20,6 +20,7 @@ from typing import Annotated
 import typer
 
 from hallu.commands._common import (
+    AllowOutsideImagesOpt,
     AttnOpt,
     BatchOpt,
     ChatTemplateOpt,
@@ -93,6 +94,7 @@ def pope(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "sdpa",
     trust_remote_code: TrustOpt = False,
+    allow_outside_images: AllowOutsideImagesOpt = False,
     chat_template: ChatTemplateOpt = None,
     nproc: NprocOpt = None,
     gpus: GpusOpt = None,
@@ -117,7 +119,7 @@ def pope(
             questions, model, images, out, parser, rescore,
             dict(mode=mode, answer_suffix=answer_suffix, max_new_tokens=max_new_tokens, batch_size=batch_size,
                  device=device, dtype=dtype, attn=attn, trust_remote_code=trust_remote_code,
-                 chat_template=template_arg(chat_template)),
+                 chat_template=template_arg(chat_template), allow_outside_images=allow_outside_images),
         )
         _report(result, json_out)
         err_console.print(f"results written to {results_path}", markup=False)

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from hallu.commands._common import (
+    AllowOutsideImagesOpt,
     AttnOpt,
     BatchOpt,
     ChatTemplateOpt,
@@ -106,6 +107,7 @@ def shr(
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "sdpa",
     trust_remote_code: TrustOpt = False,
+    allow_outside_images: AllowOutsideImagesOpt = False,
     chat_template: ChatTemplateOpt = None,
     nproc: NprocOpt = None,
     gpus: GpusOpt = None,
@@ -162,7 +164,7 @@ def shr(
 
         knobs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, device=device,
                      dtype=dtype, attn=attn, trust_remote_code=trust_remote_code,
-                     chat_template=template_arg(chat_template))
+                     chat_template=template_arg(chat_template), allow_outside_images=allow_outside_images)
         ids = bench.load_image_list(image_list) if image_list is not None else None
         with Progress(TextColumn("judging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=True, disable=judge is None) as bar:
