@@ -462,6 +462,7 @@ def evaluate_model(model: Path | None, images: Path | None, annotation_dir: Path
     mopts = G.ModelOptions.from_recorded(options, device)
     gt = CocoGroundTruth(options["annotations"])
     items = [EvalItem(id=name, images=[name], question=options["prompt"]) for name in options["image_files"]]
+    ev.check_images(items, options, "chair")
     with ev.stage(options, inputs={}) as st:
         gens, info = G.generate(st, items, mopts, Path(options["images"]), label="chair")
         records = [{"image_id": image_id_for_file(it.id, gt.file_names), "caption": gens[G.prompt_key(it)]["text"],

@@ -110,8 +110,17 @@ class ModelEval:
             raise HalluError(f"--images {images}: not a folder")
         source = check_model(model, knobs.get("trust_remote_code", False))
         mopts = ModelOptions.from_knobs(model, knobs)
+        # allow_outside_images rides along for ModelOptions.from_recorded; the stage leaves it out of the
+        # recorded options (it is operational: it never changes a result).
         return {**benchmark_options, "images": str(Path(images).resolve()), "model_fingerprint": source.fingerprint(),
-                **mopts.recorded()}
+                **mopts.recorded(), "allow_outside_images": mopts.allow_outside_images}
+
+    def check_images(self, items: list[EvalItem], options: dict, label: str) -> None:
+        """Every item's image allowed and on disk, the first one readable: checked before the stage
+        starts, so a bad path costs one line and leaves the output folder as it was."""
+        if not self.rescore:
+            check_images(items, Path(options["images"]), label, what="item",
+                         allow_outside=options.get("allow_outside_images", False))
 
     @contextmanager
     def stage(self, options: dict, inputs: dict) -> Iterator[StageRun]:

@@ -243,6 +243,7 @@ def evaluate_model(questions: list[Path] | None, model: Path | None, images: Pat
                                        question=request_text(q, suffix), label=q.label) for q in qs]
                       for split, qs in by_split.items()}
     items = [it for its in items_by_split.values() for it in its]
+    ev.check_images(items, options, "pope")
     with ev.stage(options, inputs={f"questions_{i}": q for i, q in enumerate(questions)}) as st:
         gens, info = G.generate(st, items, mopts, Path(options["images"]), label="pope")
         answers = {split: {str(q.question_id): gens[G.prompt_key(it)]["text"]

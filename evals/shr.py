@@ -695,6 +695,7 @@ def evaluate_model(model: Path | None, images: Path | None, vg_dir: Path, facts:
              for i, f in zip(ids, options["image_files"], strict=True)]
     stage_inputs = {"image_data": Path(vg_dir) / "image_data.json",
                     **{f"facts_{k}": Path(p) for k, p in enumerate(facts)}}
+    ev.check_images(items, options, "shr: describe")
     with ev.stage(options, inputs=stage_inputs) as st:
         gens, info = G.generate(st, items, mopts, Path(options["images"]), label="shr: describe")
         responses = {it.id: gens[G.prompt_key(it)]["text"] for it in items}
