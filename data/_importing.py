@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import os
@@ -107,8 +108,15 @@ def _iter_array(path: Path, f, buf: str, chunk: int) -> Iterator[tuple[int, Any]
                 return
             fill()
 
+    counted = [0, base_line]  # (position in buf, its line): counting moves forward only, never from 0
+
     def line_at(p: int) -> int:
-        return base_line + buf.count("\n", 0, p)
+        at, line = counted
+        if p < at:  # only after an error report that looked back
+            return base_line + buf.count("\n", 0, p)
+        line += buf.count("\n", at, p)
+        counted[:] = [p, line]
+        return line
 
     expect_value = True
     while True:
@@ -148,9 +156,10 @@ def _iter_array(path: Path, f, buf: str, chunk: int) -> Iterator[tuple[int, Any]
         else:
             raise HalluError(f"{path}:{line_at(pos)}: not valid JSON (expected ',' or ']' after an element)")
         if pos > chunk:  # drop what has been decoded, keeping line numbers right
-            base_line += buf.count("\n", 0, pos)
+            base_line = line_at(pos)
             buf = buf[pos:]
             pos = 0
+            counted[:] = [0, base_line]
 
 
 def first_record(path: str | os.PathLike) -> Any:
@@ -219,14 +228,17 @@ def text_field(obj: dict, key: str, where: str) -> str:
     return v
 
 
+_TAG_AND_SPACE = re.compile(re.escape(IMAGE_TAG) + r"\s*")
+
+
 def strip_image_tags(text: str) -> str:
     """A single-image prompt needs no tag (images come first): drop ``<image>`` and the newline after it."""
-    return re.sub(re.escape(IMAGE_TAG) + r"\s*", "", text).strip()
+    return _TAG_AND_SPACE.sub("", text).strip() if IMAGE_TAG in text else text.strip()
 
 
 def source_bucket(image: str) -> str:
     """MIA-DPO's source bucket: the first path component (``coco/train2017/x.jpg`` -> ``coco``)."""
-    parts = Path(image).parts
+    parts = image.lstrip("./").split("/")
     return parts[0] if len(parts) > 1 else ""
 
 
@@ -315,18 +327,26 @@ class ImportContext:
     options: dict = field(default_factory=dict)
     progress: Callable[[int], None] = lambda n: None
 
+    _roots: dict = field(default_factory=dict, repr=False)
+
     def find_image(self, image: str, where: str, base: Path | None = None) -> str | None:
-        """The absolute path of an image named in a record, or None (counted) when it is not on disk."""
-        p = Path(image)
-        if not p.is_absolute():
+        """The absolute path of an image named in a record, or None (counted) when it is not on disk.
+
+        Called once per record of files with 665k of them: string paths and a resolved root, no pathlib.
+        """
+        if os.path.isabs(image):
+            p = os.path.normpath(image)
+        else:
             root = self.images_root if self.images_root is not None else base
             if root is None:
                 raise HalluError(f"{where}: image {image!r} is a relative path; pass --images DIR")
-            p = root / p
-        if not p.is_file():
+            if root not in self._roots:
+                self._roots[root] = str(Path(root).resolve())
+            p = os.path.normpath(os.path.join(self._roots[root], image))
+        if not os.path.isfile(p):
             self.tally.skip(where, "missing image", f"image {p} not found")
             return None
-        return str(p.resolve())
+        return p
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,7 +392,9 @@ class _Writer:
             rec.meta = {**rec.meta, "original_id": rec.id}
             rec.id = f"{rec.id}~{n + 1}"
             self.renamed += 1
-        self.f.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
+        # Fields are JSON values already: a shallow dict, not dataclasses.asdict's deep copy (3x faster).
+        row = {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec)}
+        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.count += 1
 
     def close(self) -> None:
