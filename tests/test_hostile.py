@@ -246,6 +246,17 @@ def test_image_path_escaping_the_data_folder_is_refused(world, tmp_path):
     assert listing(tmp_path) == before, "nothing written"
 
 
+def test_eval_image_escaping_the_images_folder_is_refused(world, tmp_path):
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": 1, "image": "../../../../etc/passwd", "text": "Is there a dog?",
+                             "label": "yes"}) + "\n")
+    before = listing(tmp_path)
+    images = world / "world" / "data" / "images"
+    r = cli("eval", "pope", "--questions", q, "--model", world / "model", "--images", images, "--out", tmp_path / "out")
+    one_error_line(r.output, r.exit_code, "item 'q/1'", "points outside the data folder", "--allow-outside-images")
+    assert listing(tmp_path) == before, "the eval stage never started"
+
+
 def test_allow_outside_images_lets_dotdot_through():
     base = Path(__file__).parent / "data" / "chair"
     target = resolve_image("../pope/pope_answers_realistic.jsonl", base, allow_outside=True)
