@@ -84,6 +84,11 @@ def ha_dpo(
     images: ImagesOpt = None, strict: StrictOpt = False, seed: SeedOpt = 42,
 ) -> None:
     """HA-DPO description and POPE-style pairs, as HA-DPO's training code reads them."""
+    from hallu.data.ha_dpo import SAMPLING
+    from hallu.errors import HalluError
+
+    if sampling not in SAMPLING:  # refused before the stage opens: a typo leaves no failed stage behind
+        raise HalluError(f"--sampling {sampling}: unknown; choose one of {', '.join(SAMPLING)}")
     _import("ha-dpo", out, sources, images, strict, seed, vg=str(vg.resolve()) if vg else None, sampling=sampling)
 
 

@@ -75,6 +75,10 @@ def test_iter_records_streams_arrays_with_line_numbers(tmp_path):
     nums = tmp_path / "n.json"
     nums.write_text("[1234567, 89]")
     assert [v for _, v in imp.iter_records(nums, chunk=3)] == [1234567, 89]
+    # Streamed: the first record comes back without reading (or choking on) what follows it.
+    lazy = tmp_path / "lazy.json"
+    lazy.write_text('[{"id": 1},\n' + " " * 3_000_000 + "this is not JSON")
+    assert imp.first_record(lazy) == {"id": 1}
     jl = tmp_path / "r.jsonl"
     jl.write_text('{"a": 1}\n\n{"a": 2}\n')
     assert list(imp.iter_records(jl)) == [(1, {"a": 1}), (3, {"a": 2})]
@@ -161,7 +165,23 @@ def test_ha_dpo_all_and_online_sampling(tmp_path, hadpo):
     online = _pairs(tmp_path / "o")
     assert len(online) == 2 and online[0].meta["chosen_variants"] == ["c1-0", "c1-1", "c1-2"]
     res, out = _prepare("ha-dpo", "--from", desc, "--vg", vg, "--sampling", "sometimes", "--out", tmp_path / "x")
-    assert res.exit_code == 2 and "--sampling sometimes" in out
+    assert res.exit_code == 2 and "--sampling sometimes: unknown" in out and not (tmp_path / "x").exists()
+
+
+def test_ha_dpo_list_variant_and_rejected_key(tmp_path, hadpo):
+    # MiniGPT-4 / InstructBLIP copies: desc_data.json is a list, pope_data.json says "rejected".
+    vg, _, _ = hadpo
+    desc = _dump(tmp_path / "desc_list.json", [{"image_id": 2, "chosen": ["good"], "rejected": ["bad"]}])
+    pope = _dump(tmp_path / "pope_ib.json", [{"image_id": 1, "question": "Is there a cat?", "chosen": "No.",
+                                              "rejected": "Yes.", "answer": "no", "correct": False}])
+    res, out = _prepare("ha-dpo", "--from", desc, "--from", pope, "--vg", vg, "--out", tmp_path / "run")
+    assert res.exit_code == 0, out
+    d, p = _pairs(tmp_path / "run")
+    assert (d.id, d.chosen, d.rejected) == ("hadpo-desc-2", "good", "bad")
+    assert (p.prompt, p.chosen, p.rejected) == ("Is there a cat?", "No.", "Yes.")
+    other = _dump(tmp_path / "x.json", [{"id": 1, "image": "a.jpg", "conversations": []}])
+    res, out = _prepare("ha-dpo", "--from", other, "--vg", vg, "--out", tmp_path / "run2")
+    assert res.exit_code == 2 and "not a HA-DPO desc_data.json or pope_data.json" in out and "llava-665k" in out
 
 
 def test_ha_dpo_strict_stops_and_writes_nothing(tmp_path, hadpo):
@@ -326,6 +346,7 @@ def _rlaif_shards(folder: Path, rows: int = 10) -> list[bytes]:
         "origin_split": ["train"] * rows,
         "idx": list(range(rows)),
         "image_path": [f"{i}.jpg" for i in range(rows)],
+        "logps": [[-1.5 - i, -2.5 - i] for i in range(rows)],
     })
     pq.write_table(table.slice(0, 7), folder / "RLAIF-V-Dataset_000.parquet")
     pq.write_table(table.slice(7), folder / "RLAIF-V-Dataset_001.parquet")
@@ -340,6 +361,7 @@ def test_rlaif_v_parquet_and_stratified_subset(tmp_path):
     pairs = _pairs(run)
     assert [p.chosen for p in pairs] == [f"good {i}" for i in range(10)]
     assert pairs[8].id == "rlaifv-RLAIF-V-Dataset_001-1" and pairs[8].meta["origin_dataset"] == "coco"
+    assert pairs[8].meta["logps"] == [-9.5, -10.5] and pairs[8].meta["idx"] == 8
     assert (run / "data" / pairs[3].images[0]).read_bytes() == imgs[3]
     assert len(list((run / "images").iterdir())) == 10
     res, out = _prepare("rlaif-v", "--from", tmp_path / "rlaif", "--subset", "5", "--out", tmp_path / "sub")
