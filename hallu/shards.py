@@ -70,9 +70,12 @@ class JsonlShard:
     def append(self, records: list[dict]) -> None:
         if not records:
             return
-        self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:  # a full disk, a quota: the rerun resumes from the last whole line
+            raise HalluError(f"{self.path}: cannot write ({e.strerror or e}); free space and rerun to resume") from None
 
     def close(self) -> None:
         if self._f is not None:

@@ -412,3 +412,22 @@ def test_prepare_with_other_options_keeps_the_earlier_world(tmp_path):
     r = cli("prepare", "tiny-model", "--family", "llava", "--out", tmp_path / "m", "--seed", 1)
     assert r.exit_code == 0 and "it is now" in r.output
     assert listing(tmp_path / "m.previous-1") == model
+
+
+def test_full_disk_while_appending_is_one_line(tmp_path, monkeypatch):
+    from hallu.shards import JsonlShard
+
+    path = tmp_path / "out.jsonl"
+    with JsonlShard(path) as shard:
+        shard.open()
+        shard.append([{"id": "a"}])
+
+        def full(fd):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(HalluError, match=r"out\.jsonl: cannot write \(No space left on device\); free space"):
+            shard.append([{"id": "b"}])
+    monkeypatch.undo()
+    with JsonlShard(path) as shard:
+        assert shard.open() in (["a"], ["a", "b"])  # whatever reached the disk is whole lines
