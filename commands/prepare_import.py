@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from hallu.commands._common import boundary, err_console
+from hallu.commands._common import boundary, err_console, note
 
 FromOpt = Annotated[
     list[Path], typer.Option("--from", help="A downloaded file or folder of the source (repeat for several).")
@@ -69,9 +69,9 @@ def _report(source: str, out: Path, s: dict) -> None:
             parts.append(f"{label} " + ", ".join(f"{n:,} {why}" for why, n in s[key].items()))
     if s["renamed_duplicate_ids"]:
         parts.append(f"{s['renamed_duplicate_ids']:,} duplicate ids renamed")
-    err_console.print(f"[green]{source}[/]: " + "; ".join(parts) + f" in {out / 'data'}")
+    note(source, "; ".join(parts) + f" in {out / 'data'}")
     if s["skipped"]:
-        err_console.print(f"[yellow]first skip[/]: {next(iter(s['examples'].values()))}", soft_wrap=True)
+        note("first skip", next(iter(s["examples"].values())), style="yellow")
 
 
 @boundary
@@ -129,7 +129,7 @@ def mia(
 
     summary = M.run_augment(prompts, out, formats=formats, refusal_every=refusal_every, strict=strict, seed=seed)
     by = ", ".join(f"{n:,} {f}" for f, n in summary["by_format"].items())
-    err_console.print(f"[green]mia[/]: {summary['prompts']:,} prompts ({by}) in {out / 'data'}")
+    note("mia", f"{summary['prompts']:,} prompts ({by}) in {out / 'data'}")
 
 
 def register(app: typer.Typer) -> None:
