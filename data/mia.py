@@ -171,15 +171,14 @@ def _companions(rng: random.Random, pool: list[str], target: str, k: int) -> lis
     return [p for p in drawn if p != target][:k]
 
 
-def _later_turns(turns: list, k: int) -> list:
-    """Turns after the first question: later user turns say which image they mean."""
+def sequence_turns(turns: list, question: str, k: int) -> list:
+    """A multi-turn prompt's turns for a sequence: the first question rewritten, later user turns
+    prefixed ``In image{k}, `` (lower-case, as the released data has it) to say which image they mean."""
     out, first_user = [], True
     for t in turns:
         if isinstance(t, dict) and t.get("role") == "user":
-            if first_user:
-                first_user = False
-                continue
-            t = {**t, "text": f"In image{k}, {lower_first(t.get('text', ''))}"}
+            text = question if first_user else f"In image{k}, {lower_first(str(t.get('text', '')))}"
+            t, first_user = {**t, "text": text}, False
         out.append(t)
     return out
 
@@ -235,11 +234,12 @@ def augment(prompts: list[Prompt], base: Path, data_dir: Path, formats: list[str
                 images = _companions(rng, pool, img, n - 1)
                 k = rng.randrange(n) + 1
                 images.insert(k - 1, img)
+                question = sequence_question(p.question, n, k)
                 meta = {**base_meta, "mia": {**mia, "target": k, "n_images": n, "refusal": False}}
-                if "turns" in p.meta:
-                    meta["turns"] = _later_turns(p.meta["turns"], k)
-                out.append(Prompt(id=f"{p.id}.seq", images=images, question=sequence_question(p.question, n, k),
-                                  reference=p.reference, objects=p.objects, meta=meta))
+                if isinstance(p.meta.get("turns"), list):
+                    meta["turns"] = sequence_turns(p.meta["turns"], question, k)
+                out.append(Prompt(id=f"{p.id}.seq", images=images, question=question, reference=p.reference,
+                                  objects=p.objects, meta=meta))
                 counts[fmt] += 1
                 if refusal_every and rng.randrange(refusal_every) == 0:
                     q = lower_first(strip_image_tags(p.question))

@@ -92,7 +92,9 @@ def _rows(path: Path) -> Iterator[tuple[str, dict]]:
     if path.is_dir():
         if not ((path / "dataset_info.json").exists() or (path / "state.json").exists()
                 or (path / "dataset_dict.json").exists()):
-            raise HalluError(f"{path}: not a folder saved by `datasets` (no dataset_info.json / state.json)")
+            hint = "; it holds .parquet files: RLAIF-V shards go to `hallu prepare rlaif-v`" if any(
+                path.glob("*.parquet")) else ""
+            raise HalluError(f"{path}: not a folder saved by `datasets` (no dataset_info.json / state.json){hint}")
         import datasets
 
         try:

@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from hallu.data._importing import ImportContext, looks_like
+from hallu.data._importing import ImportContext, first_record, looks_like
 from hallu.errors import HalluError
 from hallu.records import PreferencePair
 
@@ -62,7 +62,11 @@ def _open(path: Path):
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a file that is not parquet
-        raise HalluError(f"{path}: not a parquet file ({type(e).__name__})") from None
+        hint = ""
+        if path.suffix in (".json", ".jsonl"):
+            other = looks_like(first_record(path))
+            hint = f"; it is JSON that looks like {other} data" if other else "; it is JSON"
+        raise HalluError(f"{path}: not a parquet file ({type(e).__name__}){hint}") from None
     names = pf.schema_arrow.names
     missing = [c for c in REQUIRED if c not in names]
     if missing:

@@ -243,6 +243,12 @@ def test_opa_dpo_rollout_json(tmp_path):
     assert (run / "data" / p.images[0]).resolve() == (run / "images" / name).resolve()
     prompts = _prompts(run)
     assert prompts[0].reference == "A blue square on white."  # the GT, what rollout's reference should be
+    # `hallu rollout --run RUN` finds these prompts and their images without --prompts.
+    from hallu.manifest import Run
+    from hallu.rollout import check_images, default_prompts
+
+    assert default_prompts(Run(run)) == run / "data" / "prompts.jsonl"
+    check_images(prompts, run / "data" / "prompts.jsonl")
     st = _stage(run)
     assert st["summary"]["filtered"] == {"empty report": 1, "degenerate original": 1}
     assert st["outputs"]["images"]["count"] == 1
@@ -393,6 +399,12 @@ def test_rlaif_v_rejects_a_parquet_of_another_shape(tmp_path):
     pq.write_table(pa.table({"query": ["q"], "answer": ["a"]}), tmp_path / "x" / "part.parquet")
     res, out = _prepare("rlaif-v", "--from", tmp_path / "x", "--out", tmp_path / "run")
     assert res.exit_code == 2 and "not an RLAIF-V shard (no column question, chosen, rejected, image)" in out
+    hadpo_json = _dump(tmp_path / "pope_data.json", [{"image_id": 1, "question": "q", "chosen": "a", "reject": "b"}])
+    res, out = _prepare("rlaif-v", "--from", hadpo_json, "--out", tmp_path / "run")
+    assert res.exit_code == 2 and "not a parquet file" in out and "looks like ha-dpo (pope_data.json)" in out
+    _rlaif_shards(tmp_path / "shards", rows=2)
+    res, out = _prepare("opa-dpo", "--from", tmp_path / "shards", "--out", tmp_path / "run")
+    assert res.exit_code == 2 and "hallu prepare rlaif-v" in out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -97,6 +97,10 @@ def test_questions():
     assert mia.sequence_question("<image>\nWhat is on the table?", 3, 2) == (
         "Image1:<image>\nImage2:<image>\nImage3:<image>\nIn Image2, what is on the table?")
     assert mia.lower_first("TV or radio?") == "TV or radio?"
+    turns = [{"role": "user", "text": "What is it?"}, {"role": "assistant", "text": "A box."},
+             {"role": "user", "text": "Which colour?"}, {"role": "assistant", "text": "Red."}]
+    assert [t["text"] for t in mia.sequence_turns(turns, "Q1", 2)] == ["Q1", "A box.", "In image2, which colour?",
+                                                                       "Red."]
     assert mia.refusal_answer(3) == "You only provided 3 images, Image4 does not exist."
     p = Prompt(id="x", images=["a"], question="Where is the box [0.1, 0.2, 0.5, 0.6]?")
     assert mia.has_box_coordinates(p)
