@@ -73,8 +73,9 @@ def test_merged_model_reloads_with_the_logits_of_base_plus_adapter(base, adapter
     from hallu.records import user_messages
 
     img = Image.new("RGB", (64, 48), (10, 200, 90))
-    text = processor.apply_chat_template(user_messages("Is there a cup in the image?", 1),
-                                         add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(
+        user_messages("Is there a cup in the image?", 1), add_generation_prompt=True, tokenize=False
+    )
     batch = processor(images=[img], text=[text], return_tensors="pt")
     merged = _logits(out, batch)
     expected = _logits(base, batch, adapter)
@@ -111,8 +112,12 @@ def test_adapter_without_its_base_is_one_line(adapter, tmp_path):
     cfg["base_model_name_or_path"] = str(tmp_path / "gone")
     (moved / "adapter_config.json").write_text(json.dumps(cfg))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-m", "hallu", "merge-lora", "--adapter", str(moved), "--out",
-                        str(tmp_path / "m")], capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "hallu", "merge-lora", "--adapter", str(moved), "--out", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 2
     err = " ".join(p.stderr.split())
     assert "its base model" in err and "gone is not a local model folder here; pass --base MODEL" in err

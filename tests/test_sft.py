@@ -65,7 +65,9 @@ def test_labels_are_masked_on_every_prompt_and_image_token(family, world, reques
     trainer = SFTTrainer(model=model, args=args, train_dataset=sft.build_dataset(examples), processing_class=processor)
     ds = sft.build_dataset(examples)
     batch = trainer.data_collator([ds[i] for i in range(len(examples))])
-    image_id = model.config.image_token_id if hasattr(model.config, "image_token_id") else model.config.image_token_index
+    image_id = (
+        model.config.image_token_id if hasattr(model.config, "image_token_id") else model.config.image_token_index
+    )
     tok = processor.tokenizer
     for row, ex in enumerate(examples):
         ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
@@ -75,18 +77,21 @@ def test_labels_are_masked_on_every_prompt_and_image_token(family, world, reques
         # Labels are exactly the tokens after the prompt: the answer, then the template's end of turn.
         from hallu.records import assistant_message, load_image, user_messages
 
-        prompt_text = processor.apply_chat_template(user_messages(ex.prompt, 1), add_generation_prompt=True,
-                                                    tokenize=False)
-        prompt_len = processor(images=[load_image(ex.images[0])], text=[prompt_text], add_special_tokens=False,
-                               return_tensors="pt")["input_ids"].shape[1]
+        prompt_text = processor.apply_chat_template(
+            user_messages(ex.prompt, 1), add_generation_prompt=True, tokenize=False
+        )
+        prompt_len = processor(
+            images=[load_image(ex.images[0])], text=[prompt_text], add_special_tokens=False, return_tensors="pt"
+        )["input_ids"].shape[1]
         real = mask.nonzero().flatten()
         first_real = int(real[0])
         assert not kept[: first_real + prompt_len].any()
         # The answer as the template renders it after the prompt (a leading space, an end-of-turn mark).
-        full = processor.apply_chat_template(user_messages(ex.prompt, 1) + [assistant_message(ex.completion)],
-                                             tokenize=False)
+        full = processor.apply_chat_template(
+            user_messages(ex.prompt, 1) + [assistant_message(ex.completion)], tokenize=False
+        )
         assert full.startswith(prompt_text)
-        answer_ids = tok(full[len(prompt_text):], add_special_tokens=False)["input_ids"]
+        answer_ids = tok(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]
         got = labels[kept].tolist()
         assert got == answer_ids
         assert tok.decode(got).strip().startswith(ex.completion)
@@ -102,8 +107,11 @@ def _adapted_modules(model_dir: Path, cfg) -> set[str]:
 
     model, _ = common.load_for_training(model_dir)
     peft_model = get_peft_model(model, cfg)
-    return {n.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0]
-            for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    return {
+        n.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0]
+        for n, _ in peft_model.named_modules()
+        if n.endswith(".lora_A")
+    }
 
 
 def test_lora_targets_language_vs_all_linear(llava):
@@ -126,11 +134,18 @@ def test_lora_targets_language_vs_all_linear(llava):
 def test_opa_preset_is_r256_alpha512_with_vision_and_gt():
     o = sft.SftOptions(method="opa-dpo").resolved()
     assert (o["lora_r"], o["lora_alpha"], o["lora_dropout"], o["lora_target"], o["lora_vision"]) == (
-        256, 512, 0.0, "all-linear", True)
+        256,
+        512,
+        0.0,
+        "all-linear",
+        True,
+    )
     assert o["with_gt"] and o["epochs"] == 2.0 and o["learning_rate"] == 2e-5
     d = sft.SftOptions(method="dpo", lora_r=16).resolved()
     assert (d["lora_r"], d["lora_alpha"], d["lora_target"], d["lora_vision"]) == (16, 256, "language", False)
-    with pytest.raises(HalluError, match=r"--method opa-dop: unknown method \(did you mean opa-dpo\?\); known: .*ha-dpo"):
+    with pytest.raises(
+        HalluError, match=r"--method opa-dop: unknown method \(did you mean opa-dpo\?\); known: .*ha-dpo"
+    ):
         sft.preset_for("opa-dop")
 
 
@@ -141,8 +156,10 @@ def test_opa_preset_is_r256_alpha512_with_vision_and_gt():
 def test_parse_set_types_values_by_field():
     from trl import DPOConfig, SFTConfig
 
-    got = common.parse_set(["beta=0.25", "max_length=64", "use_weighting=true", "loss_type=[\"sigmoid\"]",
-                            "report_to=none", "max_steps=7"], DPOConfig)
+    got = common.parse_set(
+        ["beta=0.25", "max_length=64", "use_weighting=true", 'loss_type=["sigmoid"]', "report_to=none", "max_steps=7"],
+        DPOConfig,
+    )
     assert got["beta"] == 0.25 and isinstance(got["beta"], float)
     assert got["max_length"] == 64 and isinstance(got["max_length"], int)
     assert got["use_weighting"] is True
@@ -171,15 +188,29 @@ def test_load_examples_from_pairs_prompts_and_sft_records(world, tmp_path):
 
     img = str(world / prompts[0]["images"][0])
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(json.dumps({"id": "p1", "images": [img], "prompt": "Describe.", "chosen": "a cup",
-                                 "rejected": "a cup and a fork", "meta": {"gt": "a cup and a bowl"}}) + "\n")
+    pairs.write_text(
+        json.dumps(
+            {
+                "id": "p1",
+                "images": [img],
+                "prompt": "Describe.",
+                "chosen": "a cup",
+                "rejected": "a cup and a fork",
+                "meta": {"gt": "a cup and a bowl"},
+            }
+        )
+        + "\n"
+    )
     assert [(e.id, e.completion) for e in sft.load_examples(pairs)] == [("p1", "a cup")]
     assert [(e.id, e.completion) for e in sft.load_examples(pairs, with_gt=True)] == [
-        ("p1", "a cup"), ("p1#gt", "a cup and a bowl")]
+        ("p1", "a cup"),
+        ("p1#gt", "a cup and a bowl"),
+    ]
 
     recs = tmp_path / "sft.jsonl"
-    recs.write_text(json.dumps({"id": "s1", "images": [img, img], "prompt": "<image> or <image>?",
-                                "completion": "left"}) + "\n")
+    recs.write_text(
+        json.dumps({"id": "s1", "images": [img, img], "prompt": "<image> or <image>?", "completion": "left"}) + "\n"
+    )
     assert sft.load_examples(recs)[0].images == [img, img]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "s1", "images": [img], "prompt": "<image> or <image>?", "completion": "x"}) + "\n")
@@ -222,8 +253,25 @@ def test_bad_input_is_one_line_and_writes_nothing(world, llava, tmp_path):
         (["--max-length", "8"], "would cut image tokens"),
     ]
     for extra, message in cases:
-        p = subprocess.run([*HALLU, "sft", "--run", str(run), "--model", str(llava), "--data", str(_prompts(world)),
-                            "--full", "--max-steps", "1", *extra], capture_output=True, text=True, env=_env())
+        p = subprocess.run(
+            [
+                *HALLU,
+                "sft",
+                "--run",
+                str(run),
+                "--model",
+                str(llava),
+                "--data",
+                str(_prompts(world)),
+                "--full",
+                "--max-steps",
+                "1",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            env=_env(),
+        )
         assert p.returncode == 2, (extra, p.stderr)
         err = " ".join(p.stderr.split())
         assert message in err, (extra, p.stderr)
@@ -234,9 +282,27 @@ def test_bad_input_is_one_line_and_writes_nothing(world, llava, tmp_path):
 def test_sft_resumes_after_sigkill_and_ends_at_the_same_step(world, llava, tmp_path):
     run = tmp_path / "run"
     steps = 40
-    cmd = [*HALLU, "sft", "--run", str(run), "--model", str(llava), "--data", str(_prompts(world)), "--full",
-           "--max-steps", str(steps), "--save-steps", "5", "--logging-steps", "1", "--batch-size", "2",
-           "--lr", "1e-3"]
+    cmd = [
+        *HALLU,
+        "sft",
+        "--run",
+        str(run),
+        "--model",
+        str(llava),
+        "--data",
+        str(_prompts(world)),
+        "--full",
+        "--max-steps",
+        str(steps),
+        "--save-steps",
+        "5",
+        "--logging-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
     ckpts = run / "sft" / "checkpoints"
     deadline = time.time() + 120

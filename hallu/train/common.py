@@ -134,8 +134,9 @@ def _type_name(t) -> str:
 # Models
 
 
-def load_for_training(model: str | os.PathLike, *, dtype: str = "auto", trust_remote_code: bool = False,
-                      chat_template: str | None = None):
+def load_for_training(
+    model: str | os.PathLike, *, dtype: str = "auto", trust_remote_code: bool = False, chat_template: str | None = None
+):
     """Model (train mode, on CPU until the Trainer places it) and processor from a local folder.
 
     ``chat_template`` replaces the processor's template: a file path or the Jinja text itself.
@@ -158,7 +159,9 @@ def load_for_training(model: str | os.PathLike, *, dtype: str = "auto", trust_re
         raise HalluError(f"--model {path}: cannot load its processor ({' '.join(str(e).split())[:200]})") from None
     if chat_template is not None:
         template_path = Path(chat_template)
-        processor.chat_template = template_path.read_text(encoding="utf-8") if template_path.is_file() else chat_template
+        processor.chat_template = (
+            template_path.read_text(encoding="utf-8") if template_path.is_file() else chat_template
+        )
     if getattr(processor, "chat_template", None) is None:
         raise HalluError(f"--model {path}: the processor has no chat template; pass --chat-template FILE")
     device = "cuda" if _cuda() else "cpu"
@@ -200,8 +203,15 @@ def lora_config(r: int, alpha: float, dropout: float, target: str = "language", 
         except re.error as e:
             raise HalluError(f"--lora-target {target!r}: not 'language', 'all-linear' or a valid regex ({e})") from None
         targets = target if include_vision else rf"(?!{VISION_MODULES[:-2]}){target}"
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                      exclude_modules=exclude, task_type="CAUSAL_LM", bias="none")
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        exclude_modules=exclude,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,8 +426,9 @@ def _relative(p: Path, base: Path) -> str:
 
 
 @contextmanager
-def training_stage(run, name: str, options: dict, inputs: dict, out_dir: str | os.PathLike,
-                   after: tuple[str, ...] = ()):
+def training_stage(
+    run, name: str, options: dict, inputs: dict, out_dir: str | os.PathLike, after: tuple[str, ...] = ()
+):
     """The manifest stage of a training command, entered on every rank (rank 0 writes).
 
     Records what the returned object's ``extra`` holds (``world_size``, ``zero_stage``,

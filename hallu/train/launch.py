@@ -107,8 +107,9 @@ def launcher_args(plan: dict) -> list[str]:
     return []
 
 
-def launch_if_requested(gpus: int | None, nproc: int | None, accelerate_config: str | None,
-                        argv: list[str] | None = None) -> None:
+def launch_if_requested(
+    gpus: int | None, nproc: int | None, accelerate_config: str | None, argv: list[str] | None = None
+) -> None:
     """Run this command again as the planned ranks (``hallu.distributed.relaunch``), then exit 0.
 
     Returns (doing nothing) when no launch is needed or when this process already is a rank. A rank
@@ -120,8 +121,7 @@ def launch_if_requested(gpus: int | None, nproc: int | None, accelerate_config: 
     from hallu import distributed
 
     argv = _strip_launch_options(list(sys.argv[1:] if argv is None else argv))
-    env = {"HALLU_LAUNCHED": "1",
-           _CONFIG_ENV: str(plan["deepspeed_config"]) if plan["deepspeed_config"] else "none"}
+    env = {"HALLU_LAUNCHED": "1", _CONFIG_ENV: str(plan["deepspeed_config"]) if plan["deepspeed_config"] else "none"}
     if plan["cpu"]:
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
     counts = {"gpus": plan["processes"]} if not plan["cpu"] else {"nproc": plan["processes"]}

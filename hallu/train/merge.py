@@ -69,8 +69,15 @@ def _logits(model, batch):
         return model(**batch).logits.float()
 
 
-def merge_lora(adapter: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | None = None, *,
-               dtype: str = "float32", atol: float | None = None, trust_remote_code: bool = False) -> dict:
+def merge_lora(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    *,
+    dtype: str = "float32",
+    atol: float | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
     """Merge, verify, save. Returns the report (also written as ``OUT/merge.json``)."""
     from hallu.fileio import StagedDir, atomic_write_json
     from hallu.manifest import dir_fingerprint
@@ -99,14 +106,21 @@ def merge_lora(adapter: str | os.PathLike, out: str | os.PathLike, base: str | o
     transformers.logging.disable_progress_bar()
     torch_dtype = getattr(torch, dtype)
     # The adapter folder's processor is the one training used (a changed chat template travels with it).
-    proc_src = adapter if (adapter / "preprocessor_config.json").exists() or (adapter / "processor_config.json").exists() else base_path
+    proc_src = (
+        adapter
+        if (adapter / "preprocessor_config.json").exists() or (adapter / "processor_config.json").exists()
+        else base_path
+    )
     processor = load_processor(proc_src, trust_remote_code=trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=torch_dtype,
-                                                        trust_remote_code=trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(
+        base_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+    )
     try:
         model = PeftModel.from_pretrained(model, adapter)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise HalluError(f"--adapter {adapter}: does not fit the base {base_path} ({' '.join(str(e).split())[:200]})") from None
+        raise HalluError(
+            f"--adapter {adapter}: does not fit the base {base_path} ({' '.join(str(e).split())[:200]})"
+        ) from None
     model.eval()
     batch = fixed_batch(processor)
     batch = {k: (v.to(torch_dtype) if torch.is_floating_point(v) else v) for k, v in batch.items()}
@@ -117,13 +131,20 @@ def merge_lora(adapter: str | os.PathLike, out: str | os.PathLike, base: str | o
         raise HalluError(
             f"merge-lora: merged logits differ from base+adapter by {diff_merged:.3g} (> {tol:g}); nothing written"
         )
-    report = {"adapter": str(adapter.resolve()), "base": str(base_path.resolve()), "dtype": dtype, "atol": tol,
-              "max_abs_diff": diff_merged, "adapter_digest": dir_fingerprint(adapter)}
+    report = {
+        "adapter": str(adapter.resolve()),
+        "base": str(base_path.resolve()),
+        "dtype": dtype,
+        "atol": tol,
+        "max_abs_diff": diff_merged,
+        "adapter_digest": dir_fingerprint(adapter),
+    }
     with StagedDir(out) as tmp:
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        reloaded = AutoModelForImageTextToText.from_pretrained(tmp, dtype=torch_dtype,
-                                                               trust_remote_code=trust_remote_code)
+        reloaded = AutoModelForImageTextToText.from_pretrained(
+            tmp, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
         reloaded.eval()
         diff_reloaded = float((_logits(reloaded, batch) - expected).abs().max())
         if not diff_reloaded <= tol:

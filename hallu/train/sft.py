@@ -43,8 +43,16 @@ class SftPreset:
 # own; their DPO LoRA settings (r128/alpha256 on the language model) are the generic default.
 PRESETS: dict[str, SftPreset] = {
     "sft": SftPreset(),
-    "opa-dpo": SftPreset(lora_r=256, lora_alpha=512, lora_dropout=0.0, lora_target="all-linear",
-                         lora_vision=True, learning_rate=2e-5, epochs=2.0, with_gt=True),
+    "opa-dpo": SftPreset(
+        lora_r=256,
+        lora_alpha=512,
+        lora_dropout=0.0,
+        lora_target="all-linear",
+        lora_vision=True,
+        learning_rate=2e-5,
+        epochs=2.0,
+        with_gt=True,
+    ),
 }
 
 
@@ -172,8 +180,11 @@ def load_examples(path: str | os.PathLike, with_gt: bool = False) -> list[SftExa
                 continue  # never train on what the evals hold out
             if not prompt.reference:
                 raise HalluError(f"{where}: prompt {prompt.id!r} has no 'reference' answer to train on")
-            found = [SftExample(prompt.id, [str(resolve_image(i, base)) for i in prompt.images],
-                                prompt.question, prompt.reference)]
+            found = [
+                SftExample(
+                    prompt.id, [str(resolve_image(i, base)) for i in prompt.images], prompt.question, prompt.reference
+                )
+            ]
         elif "completion" in obj:
             found = [_sft_record(obj, where, base)]
         else:
@@ -209,8 +220,14 @@ def _sft_record(obj: dict, where: str, base: Path) -> SftExample:
 
 def to_trl_rows(examples: list[SftExample]) -> list[dict]:
     """TRL's conversational prompt/completion rows (images still as paths)."""
-    return [{"images": ex.images, "prompt": user_messages(ex.prompt, len(ex.images)),
-             "completion": [assistant_message(ex.completion)]} for ex in examples]
+    return [
+        {
+            "images": ex.images,
+            "prompt": user_messages(ex.prompt, len(ex.images)),
+            "completion": [assistant_message(ex.completion)],
+        }
+        for ex in examples
+    ]
 
 
 def build_dataset(examples: list[SftExample]):
@@ -235,8 +252,9 @@ def check_max_length(examples: list[SftExample], processor, max_length: int | No
         images = [load_image(p) for p in ex.images]
         key = (ex.prompt, tuple(im.size for im in images))
         if key not in cache:
-            text = processor.apply_chat_template(user_messages(ex.prompt, len(images)), add_generation_prompt=True,
-                                                 tokenize=False)
+            text = processor.apply_chat_template(
+                user_messages(ex.prompt, len(images)), add_generation_prompt=True, tokenize=False
+            )
             enc = processor(images=images or None, text=[text], add_special_tokens=False, return_tensors="pt")
             cache[key] = int(enc["input_ids"].shape[1])
         n = cache[key]
@@ -317,16 +335,21 @@ def run_sft(run, model: Path, data: Path | None, out_dir: Path | None, options: 
     check_max_length(examples, processor, opts["max_length"])
     peft_config = None
     if lora:
-        peft_config = common.lora_config(opts["lora_r"], opts["lora_alpha"], opts["lora_dropout"],
-                                         opts["lora_target"], opts["lora_vision"])
+        peft_config = common.lora_config(
+            opts["lora_r"], opts["lora_alpha"], opts["lora_dropout"], opts["lora_target"], opts["lora_vision"]
+        )
 
-    with common.training_stage(run, "sft", manifest_opts, {"data": data, "model": model}, out_dir,
-                                after=after) as ts:
+    with common.training_stage(run, "sft", manifest_opts, {"data": data, "model": model}, out_dir, after=after) as ts:
         from trl import SFTTrainer
 
-        trainer = SFTTrainer(model=model_obj, args=args, train_dataset=build_dataset(examples),
-                             processing_class=processor, peft_config=peft_config,
-                             callbacks=[common.LogHistoryCallback(log_path), _manifest_progress(ts)])
+        trainer = SFTTrainer(
+            model=model_obj,
+            args=args,
+            train_dataset=build_dataset(examples),
+            processing_class=processor,
+            peft_config=peft_config,
+            callbacks=[common.LogHistoryCallback(log_path), _manifest_progress(ts)],
+        )
         _use_rich_progress(trainer)
         resume = ts.resume_checkpoint()
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
