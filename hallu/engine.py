@@ -17,6 +17,11 @@ own image replacement strings and checked once per engine against the processor'
 whose positions are not 1-D (Qwen2-VL's M-RoPE) or whose image features depend on the question
 (InstructBLIP's Q-Former) use the plain batched path instead. ``notes/prefix-sharing.md`` in the
 design notes records why this layout and no other.
+
+Given completions (``score``: log-probs; ``attention``: per-image attention shares) ride the same prefill:
+each completion is the row's target, kept whole in the suffix with the prompt token before it, and one
+continuation forward yields every target's logits. The plain path re-lays the processor's rows as
+``[prompt | target | right pads]``. The cache goes in as ``cache=`` (``past_key_values=`` is deprecated).
 """
 
 from __future__ import annotations
