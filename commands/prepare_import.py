@@ -3,7 +3,7 @@ augmentation (`hallu prepare mia`).
 
 Each importer lives in ``hallu.data.<source>``; this module only declares the options and hands over
 to :func:`hallu.data._importing.run_import`, which writes ``RUN/data/prompts.jsonl`` (and
-``pairs.jsonl``), inline images into ``RUN/images/``, and the ``prepare`` stage into the manifest.
+``pairs.jsonl``), inline images into ``RUN/data/images/``, and the ``prepare`` stage into the manifest.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def _report(source: str, out: Path, s: dict) -> None:
     note(source, "; ".join(parts) + f" in {out / 'data'}")
     if s["skipped"]:
         note("first skip", next(iter(s["examples"].values())), style="yellow")
+    if s.get("kept"):
+        note("kept", f"{out / 'data'} held an earlier prepare; it is now {s['kept']}", style="yellow")
 
 
 @boundary
@@ -130,6 +132,8 @@ def mia(
     summary = M.run_augment(prompts, out, formats=formats, refusal_every=refusal_every, strict=strict, seed=seed)
     by = ", ".join(f"{n:,} {f}" for f, n in summary["by_format"].items())
     note("mia", f"{summary['prompts']:,} prompts ({by}) in {out / 'data'}")
+    if summary.get("kept"):
+        note("kept", f"{out / 'data'} held an earlier prepare; it is now {summary['kept']}", style="yellow")
 
 
 def register(app: typer.Typer) -> None:

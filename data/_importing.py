@@ -6,7 +6,7 @@ An importer is a generator of records (:class:`~hallu.records.Prompt` or
 
 - streams large JSON arrays record by record (:func:`iter_records`), so a 665k-record file is never
   held as one Python list, and names ``file:line`` for every record;
-- writes images that arrive inline (base64, parquet bytes) once into ``RUN/images/`` under their
+- writes images that arrive inline (base64, parquet bytes) once into ``RUN/data/images/`` under their
   content digest (:class:`ImageStore`), and finds images given as paths under ``--images`` (:meth:`find_image`);
 - counts records it skips for a missing image (or raises with ``--strict``) and records it filters by
   the source's own rules (:class:`Tally`);
@@ -37,9 +37,9 @@ from hallu.records import IMAGE_TAG, PreferencePair, Prompt
 PROMPTS_FILE = "prompts.jsonl"
 PAIRS_FILE = "pairs.jsonl"
 DATA_DIR = "data"
+# Records live in RUN/data/ and inline images in RUN/data/images/: records name them "images/<sha256>.<ext>",
+# inside the data folder (stages refuse relative paths that climb out of it).
 IMAGES_DIR = "images"
-# Records live in RUN/data/, inline images in RUN/images/: paths in records are relative to RUN/data/.
-IMAGES_REL = f"../{IMAGES_DIR}"
 
 _CHUNK = 1 << 20
 _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
@@ -269,11 +269,10 @@ class Tally:
 
 
 class ImageStore:
-    """Images carried inline, written once to ``RUN/images/<sha256>.<ext>`` (staged until success)."""
+    """Images carried inline, written once to ``<data>/images/<sha256>.<ext>`` (``folder``: the staged one)."""
 
-    def __init__(self, staging: Path, final: Path):
-        self.staging = Path(staging)
-        self.final = Path(final)
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
         self.written = 0
         self.reused = 0
 
@@ -292,14 +291,14 @@ class ImageStore:
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise HalluError(f"{where}: the inline image cannot be decoded ({type(e).__name__})") from None
         name = f"{hashlib.sha256(data).hexdigest()}.{_PIL_EXT.get(fmt or '', 'img')}"
-        if (self.final / name).exists() or (self.staging / name).exists():
+        if (self.folder / name).exists():
             self.reused += 1
         else:
             from hallu.fileio import atomic_write_bytes
 
-            atomic_write_bytes(self.staging / name, data)
+            atomic_write_bytes(self.folder / name, data)
             self.written += 1
-        return f"{IMAGES_REL}/{name}"
+        return f"{IMAGES_DIR}/{name}"
 
     def put_base64(self, text: Any, where: str) -> str:
         if isinstance(text, (bytes, bytearray)):
@@ -451,13 +450,12 @@ def run_import(source: str, importer: Callable[[ImportContext], Iterator[Prompt 
                options: dict | None = None, progress: Callable[[int], None] = lambda n: None) -> dict:
     """Run ``importer`` as the ``prepare`` stage of the run at ``out``; return the summary.
 
-    Records go to ``RUN/data/``, inline images to ``RUN/images/``; both are staged and moved in only
-    when the whole import succeeded. The manifest records the source files (with digests), the options,
-    the outputs and what was skipped.
+    Records go to ``RUN/data/`` and inline images to ``RUN/data/images/``, built in a staged folder
+    and moved in only when the whole import succeeded. Data an earlier prepare made with other options
+    or inputs is set aside as ``RUN/data.previous-N`` (``summary["kept"]``), never deleted. The manifest
+    records the source files (with digests), the options, the outputs and what was skipped.
     """
-    import shutil
-
-    from hallu.fileio import StagedDir
+    from hallu.fileio import StagedDir, set_aside
     from hallu.manifest import Run
 
     out = Path(out)
@@ -468,28 +466,27 @@ def run_import(source: str, importer: Callable[[ImportContext], Iterator[Prompt 
             raise HalluError(f"--from {s}: not found")
     if images is not None and not images.is_dir():
         raise HalluError(f"--images {images}: not a folder")
-    run = Run(out)
+    run = Run(out, flag="--out")
     opts = {"dataset": source, "from": [str(s.resolve()) for s in sources],
             "images": str(images.resolve()) if images else None, "strict": strict, "seed": seed, **(options or {})}
     inputs = {f"from{i}" if len(sources) > 1 else "from": s for i, s in enumerate(sources)}
-    data_final, images_final = out / DATA_DIR, out / IMAGES_DIR
+    data = out / DATA_DIR
+    kept = None
     with run.stage("prepare", options=opts, inputs=inputs) as st:
         tally = Tally(strict=strict)
-        with StagedDir(data_final) as data_tmp, StagedDir(images_final) as images_tmp:
-            store = ImageStore(images_tmp, images_final)
+        with StagedDir(data) as tmp:
+            store = ImageStore(tmp / IMAGES_DIR)
             ctx = ImportContext(sources=list(sources), images_root=images, store=store, tally=tally, seed=seed,
                                 options=options or {}, progress=progress)
-            summary = write_import(importer(ctx), data_tmp, store, tally, progress)
-        # A pairs file from an earlier import of another source would now be wrong: drop it.
-        if summary.pairs == 0:
-            (data_final / PAIRS_FILE).unlink(missing_ok=True)
-        if images_final.is_dir() and not any(images_final.iterdir()):
-            shutil.rmtree(images_final)
-        st.output("prompts", data_final / PROMPTS_FILE, count=summary.prompts)
+            summary = write_import(importer(ctx), tmp, store, tally, progress)
+            # Only once the new data is complete: what another prepare made is kept, never replaced.
+            if st.fresh and data.is_dir() and any(data.iterdir()):
+                kept = set_aside(data)
+        st.output("prompts", data / PROMPTS_FILE, count=summary.prompts)
         if summary.pairs:
-            st.output("pairs", data_final / PAIRS_FILE, count=summary.pairs)
-        if images_final.is_dir():
-            st.output("images", images_final, count=sum(1 for _ in images_final.iterdir()))
+            st.output("pairs", data / PAIRS_FILE, count=summary.pairs)
+        if store.written:
+            st.output("images", data / IMAGES_DIR, count=store.written)
         result = summary.to_dict()
         st.extra["summary"] = result
-    return result
+    return {**result, "kept": str(kept) if kept else None}

@@ -301,27 +301,34 @@ def parse_formats(text: str) -> list[str]:
 def run_augment(prompts_path: Path, out: Path, formats: str = "sequence,grid,pip", refusal_every: int = 50,
                 strict: bool = False, seed: int = 0) -> dict:
     """`hallu prepare mia` as the ``prepare`` stage of the run at ``out``."""
-    from hallu.fileio import StagedDir, atomic_write_jsonl
+    from hallu.fileio import StagedDir, atomic_write_jsonl, set_aside
     from hallu.manifest import Run
 
     fmts = parse_formats(formats)
     prompts_path = Path(prompts_path)
+    data = Path(out) / DATA_DIR
+    if prompts_path.resolve().is_relative_to(data.resolve()):
+        # The new data replaces RUN/data, where these prompts and the images they name live.
+        raise HalluError(f"--prompts {prompts_path} lies inside --out {out}'s data folder, which mia would "
+                         "replace; write the multi-image prompts to another --out")
     prompts = read_records(prompts_path, Prompt)
     if not prompts:
         raise HalluError(f"{prompts_path}: no prompts in the file")
-    run = Run(out)
+    run = Run(out, flag="--out")
     options = {"dataset": "mia", "prompts": str(prompts_path.resolve()), "formats": fmts, "seed": seed,
                "refusal_every": refusal_every, "strict": strict}
     with run.stage("prepare", options=options, inputs={"prompts": prompts_path}) as st:
         tally = Tally(strict=strict)
-        with StagedDir(Path(out) / DATA_DIR) as tmp:
+        kept = None
+        with StagedDir(data) as tmp:
             records, counts = augment(prompts, prompts_path.parent, tmp, fmts, seed, refusal_every, tally)
             if not records:
                 raise HalluError(f"{prompts_path}: no multi-image prompt could be built ({tally.summary()})")
             atomic_write_jsonl(tmp / PROMPTS_FILE, [r.to_dict() for r in records])
-        data = Path(out) / DATA_DIR
+            if st.fresh and data.is_dir() and any(data.iterdir()):
+                kept = set_aside(data)  # what another prepare made is kept, never replaced
         st.output("prompts", data / PROMPTS_FILE, count=len(records))
         st.output("images", data / "images")
         summary = {"prompts": len(records), "by_format": dict(counts), **tally.summary()}
         st.extra["summary"] = summary
-    return summary
+    return {**summary, "kept": str(kept) if kept else None}

@@ -237,18 +237,18 @@ def test_opa_dpo_rollout_json(tmp_path):
         ("0", 4, "correct", 1.0, 1.0), ("1", 2, "image_recognition_error", 2.0, 3.0), ("Added", None, None, 1.0, 1.0)]
     # The image is written once, named by its content digest, and the pair points at it.
     name = hashlib.sha256(img).hexdigest() + ".png"
-    assert sorted(x.name for x in (run / "images").iterdir()) == [name]
-    assert (run / "images" / name).read_bytes() == img
-    assert p.images == [f"../images/{name}"] and pairs[1].images == p.images
-    assert (run / "data" / p.images[0]).resolve() == (run / "images" / name).resolve()
+    assert sorted(x.name for x in (run / "data" / "images").iterdir()) == [name]
+    assert (run / "data" / "images" / name).read_bytes() == img
+    assert p.images == [f"images/{name}"] and pairs[1].images == p.images
     prompts = _prompts(run)
     assert prompts[0].reference == "A blue square on white."  # the GT, what rollout's reference should be
     # `hallu rollout --run RUN` finds these prompts and their images without --prompts.
     from hallu.manifest import Run
-    from hallu.rollout import check_images, default_prompts
+    from hallu.records import check_images
+    from hallu.rollout import default_prompts
 
     assert default_prompts(Run(run)) == run / "data" / "prompts.jsonl"
-    check_images(prompts, run / "data" / "prompts.jsonl")
+    check_images(prompts, run / "data", "prompts.jsonl")  # the paths stay inside the data folder
     st = _stage(run)
     assert st["summary"]["filtered"] == {"empty report": 1, "degenerate original": 1}
     assert st["outputs"]["images"]["count"] == 1
@@ -287,7 +287,7 @@ def test_opa_dpo_bad_base64_names_the_record(tmp_path):
     src = _dump(tmp_path / "r.json", [recs[0], {**recs[0], "image_bytes": "not base64!!"}])
     res, out = _prepare("opa-dpo", "--from", src, "--out", tmp_path / "run")
     assert res.exit_code == 2 and f"{src}:" in out and "not valid base64" in out
-    assert not (tmp_path / "run" / "data").exists() and not (tmp_path / "run" / "images").exists()
+    assert not (tmp_path / "run" / "data").exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,12 +369,12 @@ def test_rlaif_v_parquet_and_stratified_subset(tmp_path):
     assert pairs[8].id == "rlaifv-RLAIF-V-Dataset_001-1" and pairs[8].meta["origin_dataset"] == "coco"
     assert pairs[8].meta["logps"] == [-9.5, -10.5] and pairs[8].meta["idx"] == 8
     assert (run / "data" / pairs[3].images[0]).read_bytes() == imgs[3]
-    assert len(list((run / "images").iterdir())) == 10
+    assert len(list((run / "data" / "images").iterdir())) == 10
     res, out = _prepare("rlaif-v", "--from", tmp_path / "rlaif", "--subset", "5", "--out", tmp_path / "sub")
     assert res.exit_code == 0, out
     sub = _pairs(tmp_path / "sub")
     assert sorted(p.meta["origin_dataset"] for p in sub) == ["coco", "coco", "vqav2", "vqav2", "vqav2"]
-    assert len(list((tmp_path / "sub" / "images").iterdir())) == 5  # only the kept rows' images
+    assert len(list((tmp_path / "sub" / "data" / "images").iterdir())) == 5  # only the kept rows' images
     assert _stage(tmp_path / "sub")["summary"]["filtered"] == {"not in --subset": 5}
 
 
@@ -553,3 +553,18 @@ def test_failed_import_leaves_the_previous_one(tmp_path, hadpo):
     assert res.exit_code == 2 and "broken.json" in out
     assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == before
     assert not [p for p in run.iterdir() if "staging" in p.name]
+
+
+def test_another_prepare_sets_the_earlier_data_aside(tmp_path, hadpo):
+    vg, desc, pope = hadpo
+    run = tmp_path / "run"
+    assert _prepare("ha-dpo", "--from", desc, "--from", pope, "--vg", vg, "--out", run)[0].exit_code == 0
+    pairs_before = (run / "data" / "pairs.jsonl").read_bytes()
+    inst, caps = _coco_files(tmp_path)
+    res, out = _prepare("coco", "--from", inst, "--from", caps, "--images", tmp_path / "val2014", "--out", run)
+    assert res.exit_code == 0, out
+    assert "data.previous-1" in out
+    assert (run / "data.previous-1" / "pairs.jsonl").read_bytes() == pairs_before
+    assert sorted(p.name for p in (run / "data").iterdir()) == ["prompts.jsonl"]  # no stale pairs file
+    st = _stage(run)
+    assert st["options"]["dataset"] == "coco" and "pairs" not in st["outputs"]

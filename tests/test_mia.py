@@ -199,6 +199,12 @@ def test_prepare_mia_bad_formats_and_missing_images(tmp_path, single_prompts):
     res = runner.invoke(app, ["prepare", "mia", "--prompts", str(single_prompts), "--out", str(tmp_path / "r"),
                               "--formats", "sequence,collage"])
     assert res.exit_code == 2 and "--formats sequence,collage: unknown layout collage" in res.output
+    # Writing into the run whose data holds the input would replace the images the prompts name.
+    inside = tmp_path / "runx" / "data" / "prompts.jsonl"
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes(single_prompts.read_bytes())
+    res = runner.invoke(app, ["prepare", "mia", "--prompts", str(inside), "--out", str(tmp_path / "runx")])
+    assert res.exit_code == 2 and "lies inside --out" in res.output
     (single_prompts.parent / "gqa" / "img1.png").unlink()
     res = runner.invoke(app, ["prepare", "mia", "--prompts", str(single_prompts), "--out", str(tmp_path / "s"),
                               "--formats", "sequence", "--strict"])
