@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hallu import __version__
-from hallu.digests import file_digest
+from hallu.digests import file_digest, tree_digest
 from hallu.errors import HalluError
 from hallu.fileio import atomic_write_json, digest_json, read_json, sha256_bytes
 
@@ -68,17 +68,12 @@ def is_main_process() -> bool:
 def dir_fingerprint(path: Path) -> str:
     """Digest of a folder (a model): the relative path and full sha256 of every file, in sorted order.
 
-    Exact: a byte changed anywhere in any file changes it. Big files are hashed once and then come from
-    the digest cache while their identity (inode, size, mtime, ctime) is unchanged.
+    Exact: a byte changed anywhere in any file changes it. Big files, and the folder as a whole, are
+    hashed once and then come from the digest cache while their identity (inode, size, mtime, ctime) is
+    unchanged (:mod:`hallu.digests`).
     """
-    return _fingerprint(Path(path))
-
-
-def _fingerprint(path: Path) -> str:
-    parts: list[str] = []
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        parts.append(f"{f.relative_to(path).as_posix()}:{file_digest(f)}")
-    return sha256_bytes("\n".join(parts).encode())
+    path = Path(path)
+    return tree_digest(path, sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
 
 
 def artifact_digest(path: Path) -> str:
