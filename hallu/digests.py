@@ -11,6 +11,9 @@ clean" problem), so an entry is only trusted when the file's ctime is older than
 started by more than :data:`RACY_WINDOW_NS` (well above the kernel's coarse timestamp tick);
 otherwise the file is hashed again, and that fresh entry is trusted from then on.
 
+A folder's digest (a model, an image folder) is remembered the same way, keyed by the identity of
+every file in it, so ``hallu status`` on a run with 100k small images does not rehash them either.
+
 The cache lives in ``$HALLU_CACHE_DIR/digests`` (default ``$XDG_CACHE_HOME/hallu/digests``, i.e.
 ``~/.cache/hallu/digests``): one small JSON file per real path, named by the path's sha256, in 256
 subfolders. Each entry is written atomically (temp file + rename), so concurrent processes can only
@@ -24,6 +27,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hallu import fileio
@@ -32,7 +36,6 @@ from hallu.errors import HalluError
 # Below this size hashing is about as fast as reading a cache entry, so small files are just hashed.
 CACHE_MIN_BYTES = 1 << 20
 RACY_WINDOW_NS = 100_000_000
-_IDENTITY = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
 # This process's own entries (same rule as the disk cache): a stage, its engine and its results each
 # ask for the model's fingerprint, and the disk cache may be off or unwritable.
 _MEMO: dict[str, dict] = {}
@@ -54,8 +57,8 @@ def _identity(st: os.stat_result) -> dict[str, int]:
             "ctime_ns": st.st_ctime_ns}
 
 
-def _entry_path(root: Path, real: str) -> Path:
-    name = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()
+def _entry_path(root: Path, key: str) -> Path:
+    name = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
     return root / name[:2] / f"{name[2:]}.json"
 
 
@@ -66,9 +69,9 @@ def _read_entry(entry: Path) -> dict | None:
         return None
 
 
-def _trusted(rec: dict | None, real: str, ident: dict[str, int]) -> str | None:
-    """The entry's digest if it is for this very file, unchanged since it was hashed."""
-    if not isinstance(rec, dict) or rec.get("path") != real or any(rec.get(k) != ident[k] for k in _IDENTITY):
+def _trusted(rec: dict | None, key: str, ident: dict) -> str | None:
+    """The entry's digest if it is for this very file (or folder), unchanged since it was hashed."""
+    if not isinstance(rec, dict) or rec.get("path") != key or rec.get("identity") != ident:
         return None
     hashed_at = rec.get("hashed_at_ns")
     digest = rec.get("digest")
@@ -79,41 +82,79 @@ def _trusted(rec: dict | None, real: str, ident: dict[str, int]) -> str | None:
     return digest
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """``sha256:<hex>`` of the whole file; big files come from the persistent cache when unchanged."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise HalluError(f"{path}: file not found") from None
-    except OSError as e:
-        raise HalluError(f"{path}: cannot read ({e.strerror})") from None
-    if st.st_size < CACHE_MIN_BYTES:
-        return _hash(path)
-    real = os.path.realpath(path)
-    ident = _identity(st)
-    cached = _trusted(_MEMO.get(real), real, ident)
+def _remembered(key: str, ident: dict, compute: Callable[[], str], identity_now: Callable[[], dict]) -> str:
+    """``compute()``, or what it gave last time for ``key`` while ``ident`` is unchanged (memo, then disk)."""
+    cached = _trusted(_MEMO.get(key), key, ident)
     if cached is not None:
         return cached
     root = cache_dir()
-    entry = _entry_path(root, real) if root is not None else None
+    entry = _entry_path(root, key) if root is not None else None
     if entry is not None:
         rec = _read_entry(entry)
-        cached = _trusted(rec, real, ident)
+        cached = _trusted(rec, key, ident)
         if cached is not None:
-            _MEMO[real] = rec
+            _MEMO[key] = rec
             return cached
     started = time.time_ns()
-    digest = _hash(path)
-    if _identity(path.stat()) == ident:  # the file did not change while it was read: worth remembering
-        rec = {"path": real, **ident, "hashed_at_ns": started, "digest": digest}
-        _MEMO[real] = rec
+    digest = compute()
+    if identity_now() == ident:  # nothing changed while it was read: worth remembering
+        rec = {"path": key, "identity": ident, "hashed_at_ns": started, "digest": digest}
+        _MEMO[key] = rec
         if entry is not None:
             try:
                 fileio.atomic_write_text(entry, json.dumps(rec) + "\n")
             except HalluError:
                 pass  # a read-only or full cache only costs a rehash next time
     return digest
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise HalluError(f"{path}: file not found") from None
+    except OSError as e:
+        raise HalluError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """``sha256:<hex>`` of the whole file; big files come from the persistent cache when unchanged."""
+    path = Path(path)
+    st = _stat(path)
+    if st.st_size < CACHE_MIN_BYTES:
+        return _hash(path)
+    return _remembered(os.path.realpath(path), _identity(st), lambda: _hash(path),
+                       lambda: _identity(_stat(path)))
+
+
+def tree_digest(root: str | os.PathLike, files: list[Path]) -> str:
+    """Digest of a folder from its ``files`` (sorted, under ``root``): sha256 over ``rel:sha256`` lines.
+
+    Remembered like a big file, keyed by the identity of every file in it (so a folder of 100k small
+    images is not rehashed by every ``hallu status``); any file added, removed or changed misses.
+    """
+    root = Path(root)
+
+    def listing() -> dict:
+        h = hashlib.sha256()
+        newest = total = 0
+        for f in files:
+            st = _stat(f)
+            i = _identity(st)
+            h.update(f"{f.relative_to(root).as_posix()}\0{i['dev']}\0{i['ino']}\0{i['size']}\0{i['mtime_ns']}\0"
+                     f"{i['ctime_ns']}\n".encode("utf-8", "surrogateescape"))
+            newest = max(newest, st.st_ctime_ns)
+            total += st.st_size
+        return {"files": h.hexdigest(), "count": len(files), "size": total, "ctime_ns": newest}
+
+    def compute() -> str:
+        lines = "\n".join(f"{f.relative_to(root).as_posix()}:{file_digest(f)}" for f in files)
+        return fileio.sha256_bytes(lines.encode())
+
+    ident = listing()
+    if ident["size"] < CACHE_MIN_BYTES:
+        return compute()
+    return _remembered("tree:" + os.path.realpath(root), ident, compute, listing)
 
 
 def _hash(path: Path) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 from hallu import __version__
 from hallu.digests import file_digest, tree_digest
 from hallu.errors import HalluError
-from hallu.fileio import atomic_write_json, digest_json, read_json, sha256_bytes
+from hallu.fileio import atomic_write_json, digest_json, read_json
 
 SCHEMA_VERSION = 1
 STATES = ("pending", "running", "done", "failed", "stale")
