@@ -84,6 +84,23 @@ def test_iter_records_streams_arrays_with_line_numbers(tmp_path):
     assert list(imp.iter_records(jl)) == [(1, {"a": 1}), (3, {"a": 2})]
 
 
+def test_iter_records_memory_stays_near_one_chunk(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "big.json"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[\n" + ",\n".join(json.dumps({"id": i, "conversations": [{"from": "human", "value": "q" * 300},
+                                                                          {"from": "gpt", "value": "a" * 300}]})
+                                     for i in range(6000)) + "\n]\n")
+    size = path.stat().st_size  # about 4 MB
+    tracemalloc.start()
+    count = sum(1 for _ in imp.iter_records(path, chunk=1 << 16))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == 6000
+    assert peak < size / 8, (peak, size)  # json.load would hold several times the file
+
+
 @pytest.mark.parametrize("text, message", [
     ('[\n{"a": 1},\n{"a": 2,,}\n]', ":3: not valid JSON"),
     ('[{"a": 1},\n]', ":2: not valid JSON (a ',' before the closing ']')"),
