@@ -588,8 +588,8 @@ def test_score_only_result_is_an_eval_result(tmp_path):
     (["--mode", "generat"], "--mode generat: unknown; choose one of generate, choice"),
     (["--answer-suffix", "llava2"], "--answer-suffix llava2: unknown; choose one of none, llava, vcd"),
     (["--parser", "oficial"], "--parser oficial: unknown"),
-    (["--dtype", "fp16"], "--dtype fp16: unknown; choose one of auto, float32, bfloat16, float16"),
-    (["--attn", "flash"], "--attn flash: unknown"),
+    (["--dtype", "fp16"], "--dtype fp16: choose one of auto, float32, bfloat16, float16"),
+    (["--attn", "flash"], "--attn flash: choose one of"),
 ])
 def test_option_typos_fail_before_anything(tmp_path, extra, message):
     out = tmp_path / "run"
@@ -609,5 +609,5 @@ def test_option_typos_fail_before_anything_in_chair_and_shr(tmp_path):
     _one_error_line(res, "--unknown-images skip: unknown; choose one of error, empty")
     res = CliRunner().invoke(app, ["eval", "shr", "--model", str(tmp_path / "m"), "--images", str(tmp_path),
                                    "--vg", str(tmp_path), "--out", str(out), "--no-judge", "--dtype", "half"])
-    _one_error_line(res, "--dtype half: unknown")
+    _one_error_line(res, "--dtype half: choose one of")
     assert not out.exists()
