@@ -17,6 +17,7 @@ from hallu.commands import dpo as _dpo
 from hallu.commands import eval as _eval
 from hallu.commands import merge_lora as _merge_lora
 from hallu.commands import prepare as _prepare
+from hallu.commands import revise as _revise
 from hallu.commands import rollout as _rollout
 from hallu.commands import sft as _sft
 from hallu.commands import status as _status
@@ -66,6 +67,7 @@ def _root(
 app.add_typer(_prepare.app, name="prepare")
 app.add_typer(_eval.app, name="eval")
 app.command("rollout")(boundary(_rollout.rollout))
+app.command("revise")(boundary(_revise.revise))
 app.command("sft")(boundary(_sft.sft))
 app.command("dpo")(boundary(_dpo.dpo))
 app.command("merge-lora")(boundary(_merge_lora.merge_lora))
