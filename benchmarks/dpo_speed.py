@@ -1,13 +1,27 @@
-"""Stock TRL DPOTrainer vs `hallu dpo --method dpo`: same tiny-but-not-trivial LLaVA, same pairs, same seed.
+"""Stock TRL DPOTrainer vs `hallu dpo --method dpo`: same small LLaVA, same pairs, same seed, fp32.
 
 The model is hallu.tiny's ``bench`` LLaVA (256 image tokens per prompt, answers of ~10 tokens: image tokens
-dominate, as in real VLMs). For full fine-tuning and LoRA it prints the first-step logps/chosen and
-logps/rejected of both trainers (targets: equal to 1e-4 relative in fp32), the wall time per pair of the
-whole training call (TRL: reference forward every step; hallu: one reference pass + the shared-prompt
-forward) and the peak-memory ratio (peak RSS growth over the loaded process on CPU; peak CUDA memory on
-a GPU). Each measurement runs in its own process so peaks do not mix.
+dominate, as in real VLMs). For full fine-tuning and LoRA it prints
 
-    python benchmarks/dpo_speed.py [--pairs 32] [--steps 8] [--batch-size 4]
+* the tokens each side scores for one pair, and the first-step logps/chosen and logps/rejected of both
+  (target: equal to 1e-4 relative);
+* the time per pair of **steady-state training steps**: from the trainer's ``on_step_begin`` to its
+  ``on_step_end`` (forward, backward, optimizer), after ``--warmup`` untimed steps, median over ``--steps``.
+  Excluded on both sides: model loading, data processing (the collators run before ``on_step_begin``) and
+  hallu's one reference pass before training. TRL's per-step reference forward is part of its step,
+  because that is where TRL computes it (``precompute_ref_log_probs`` is refused for vision data);
+* the peak-memory ratio: peak RSS over the process's RSS after its imports, on CPU (models, reference and
+  activations all count); peak CUDA memory on a GPU.
+
+Tokens: hallu tokenises the rendered prompt with the tokenizer's special tokens, as ``hallu.engine``
+does when it generates the rollouts, so a Llama-style tokenizer puts its BOS first. TRL tokenises the
+rendered prompt with ``add_special_tokens=False``, which for a template that writes no BOS (LLaVA's)
+scores the prompt without it. So that both sides score identical tokens, the TRL side gets the same
+template with ``{{ bos_token }}`` in front; ``--trl-native-template`` turns that off to show the difference.
+
+Each measurement runs in its own process so peaks do not mix; every process uses ``--threads`` threads.
+
+    python benchmarks/dpo_speed.py [--warmup 3] [--steps 10] [--batch-size 4] [--threads 2]
 """
 
 from __future__ import annotations
@@ -16,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +38,7 @@ import time
 from pathlib import Path
 
 OBJECTS = ["dog", "cat", "fork", "knife", "cup", "bowl", "pizza", "car"]
+BOS_FIRST = "{{ bos_token }}"
 
 
 def make_world(root: Path, n_pairs: int) -> None:
@@ -42,117 +58,218 @@ def make_world(root: Path, n_pairs: int) -> None:
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _peak_mb() -> float:
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _peak_mb(base: float) -> float:
     import resource
 
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
 
 
-def run_trl(root: Path, lora: bool, steps: int, batch: int) -> dict:
-    import torch
-    from datasets import Dataset
-    from PIL import Image
-    from trl import DPOConfig, DPOTrainer
+def _step_timer():
+    from transformers import TrainerCallback
 
-    from hallu.records import PreferencePair, pair_to_trl, read_records
-    from hallu.train.common import load_for_training, lora_config, trainer_precision_kwargs
+    class StepTimer(TrainerCallback):
+        """Wall time of each optimizer step: forward + backward + optimizer, batches already collated."""
+
+        def __init__(self):
+            self.seconds: list[float] = []
+            self._t0 = 0.0
+
+        def _sync(self):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._sync()
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self._sync()
+            self.seconds.append(time.perf_counter() - self._t0)
+
+    return StepTimer()
+
+
+def _fp32() -> dict:
+    return {"bf16": False, "fp16": False}
+
+
+def _trl_processor(root: Path, native: bool):
+    from hallu.train.common import load_for_training
 
     model, processor = load_for_training(root / "model")
-    ref = None if lora else load_for_training(root / "model")[0].eval()
+    if not native and not processor.chat_template.startswith(BOS_FIRST):
+        processor.chat_template = BOS_FIRST + processor.chat_template
+    return model, processor
+
+
+def _trl_dataset(root: Path):
+    from datasets import Dataset
+    from PIL import Image
+
+    from hallu.records import PreferencePair, pair_to_trl, read_records
+
     rows = [pair_to_trl(p, root) for p in read_records(root / "pairs.jsonl", PreferencePair)]
-    ds = Dataset.from_list([{"images": [Image.open(r["images"][0]).convert("RGB")], "prompt": r["prompt"],
-                             "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
+    return Dataset.from_list([{"images": [Image.open(r["images"][0]).convert("RGB")], "prompt": r["prompt"],
+                               "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
+
+
+def run_trl(root: Path, lora: bool, steps: int, batch: int, native: bool) -> dict:
+    from trl import DPOConfig, DPOTrainer
+
+    from hallu.methods import get_method
+    from hallu.train.common import lora_config
+
+    base = _rss_mb()
+    model, processor = _trl_processor(root, native)
+    ref = None if lora else _trl_processor(root, native)[0].eval()
+    ds = _trl_dataset(root)
     args = DPOConfig(output_dir=str(root / f"trl-{lora}"), per_device_train_batch_size=batch, max_steps=steps,
                      learning_rate=1e-4, beta=0.1, logging_steps=1, save_strategy="no", report_to="none",
                      activation_checkpointing=False, remove_unused_columns=False, seed=0, data_seed=0,
-                     disable_tqdm=True, max_length=1024, **trainer_precision_kwargs())
-    base = _peak_mb()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        base = 0.0
-    t0 = time.perf_counter()
+                     disable_tqdm=True, max_length=1024, dataloader_num_workers=0, **_fp32())
+    lc = get_method("dpo").lora
+    timer = _step_timer()
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=processor,
-                         peft_config=lora_config(128, 256, 0.0) if lora else None)
+                         peft_config=lora_config(lc.r, lc.alpha, lc.dropout, lc.target, lc.include_vision)
+                         if lora else None, callbacks=[timer])
     trainer.train()
-    seconds = time.perf_counter() - t0
     first = next(h for h in trainer.state.log_history if "logps/chosen" in h)
     return {"logps_chosen": first["logps/chosen"], "logps_rejected": first["logps/rejected"],
-            "seconds": seconds, "pairs": steps * batch, "peak_mb": _peak_mb() - base}
+            "step_seconds": timer.seconds, "peak_mb": _peak_mb(base)}
 
 
-def run_hallu(root: Path, lora: bool, steps: int, batch: int) -> dict:
-    import torch
-
+def run_hallu(root: Path, lora: bool, steps: int, batch: int, native: bool) -> dict:
     from hallu.manifest import Run
     from hallu.train.dpo import DpoOptions, run_dpo
 
+    base = _rss_mb()
     out = root / f"hallu-{lora}"
     opts = DpoOptions(method="dpo", lora=lora, max_steps=steps, batch_size=batch, logging_steps=1,
-                      save_steps=10**6, seed=0, set_items=["learning_rate=1e-4", "max_length=1024"])
-    import resource  # noqa: F401
-
-    from hallu.train.common import load_for_training
-
-    load_for_training(root / "model")  # warm the same imports and file cache as the TRL run
-    base = _peak_mb()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        base = 0.0
-    t0 = time.perf_counter()
-    run_dpo(Run(out / "run"), root / "model", root / "pairs.jsonl", out / "dpo", opts)
-    seconds = time.perf_counter() - t0
+                      save_steps=10**6, seed=0,
+                      set_items=["learning_rate=1e-4", "max_length=1024", "bf16=false", "fp16=false"])
+    timer = _step_timer()
+    run_dpo(Run(out / "run"), root / "model", root / "pairs.jsonl", out / "dpo", opts, callbacks=[timer])
     log = [json.loads(x) for x in (out / "dpo" / "log_history.jsonl").read_text().splitlines()]
     first = next(h for h in log if "logps/chosen" in h)
     return {"logps_chosen": first["logps/chosen"], "logps_rejected": first["logps/rejected"],
-            "seconds": seconds, "pairs": steps * batch, "peak_mb": _peak_mb() - base}
+            "step_seconds": timer.seconds, "peak_mb": _peak_mb(base)}
+
+
+def scored_tokens(root: Path, native: bool) -> dict:
+    """The (prompt, chosen, rejected) tokens each trainer scores for the first pair, compressed for printing."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from hallu.methods import get_method
+    from hallu.train.dpo import build_examples, load_pairs
+    from hallu.train.pair_forward import encode_prompts
+
+    _, processor = _trl_processor(root, native)
+    tok = processor.tokenizer
+    row = _trl_dataset(root)[0]
+    b = DataCollatorForVisionPreference(processor=processor)([dict(row)])
+    names = lambda ids: tok.convert_ids_to_tokens([int(i) for i in ids])  # noqa: E731
+    trl = {}
+    for j, key in enumerate(("chosen", "rejected")):
+        ids, am, cm = b["input_ids"][j], b["attention_mask"][j], b["completion_mask"][j]
+        trl["prompt"] = names([i for i, a, c in zip(ids, am, cm) if a and not c])
+        trl[key] = names([i for i, c in zip(ids, cm) if c])
+    _, hprocessor = _trl_processor(root, native=True)  # hallu always renders the processor's own template
+    spec = get_method("dpo")
+    ex = build_examples(load_pairs(root / "pairs.jsonl", spec, spec.options())[:1], root, hprocessor, spec,
+                        spec.options(), 1024)[0]
+    from hallu.records import load_image
+
+    enc = encode_prompts(hprocessor, [ex.prompt_text], [[load_image(i) for i in ex.images]])
+    hallu = {"prompt": names(enc["input_ids"][0]), "chosen": names(ex.answers[0]), "rejected": names(ex.answers[1])}
+    return {"trl": {k: _squeeze(v) for k, v in trl.items()}, "hallu": {k: _squeeze(v) for k, v in hallu.items()},
+            "identical": trl == hallu}
+
+
+def _squeeze(tokens: list[str]) -> str:
+    """Runs of one repeated token as ``<image>×256``."""
+    out, i = [], 0
+    while i < len(tokens):
+        j = i
+        while j < len(tokens) and tokens[j] == tokens[i]:
+            j += 1
+        out.append(tokens[i] if j - i < 3 else f"{tokens[i]}×{j - i}")
+        i = j
+    return " ".join(out)
+
+
+def _child(who: str, lora: bool, root: Path, a) -> dict:
+    cmd = [sys.executable, __file__, "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch-size",
+           str(a.batch_size), "--threads", str(a.threads), "--one", who, "1" if lora else "0", str(root)]
+    if a.trl_native_template:
+        cmd.append("--trl-native-template")
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        sys.exit(f"{who} {'lora' if lora else 'full'} failed:\n{p.stderr[-3000:]}")
+    return json.loads(line[0][7:])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads, both sides")
+    ap.add_argument("--trl-native-template", action="store_true",
+                    help="give TRL the processor's template as is (its prompts then lack the BOS hallu scores)")
     ap.add_argument("--one", nargs=3, metavar=("WHO", "LORA", "ROOT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    total = a.warmup + a.steps
     if a.one:
+        import torch
+
+        torch.set_num_threads(a.threads)
         who, lora, root = a.one[0], a.one[1] == "1", Path(a.one[2])
         fn = run_trl if who == "trl" else run_hallu
-        print("RESULT " + json.dumps(fn(root, lora, a.steps, a.batch_size)))
+        print("RESULT " + json.dumps(fn(root, lora, total, a.batch_size, a.trl_native_template)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_world(root, a.pairs)
+        make_world(root, total * a.batch_size)  # one epoch: every timed step sees new pairs
+        toks = scored_tokens(root, a.trl_native_template)
+        print(f"tokens scored for pair p0 (identical: {toks['identical']}):")
+        for who in ("trl", "hallu"):
+            for key in ("prompt", "chosen", "rejected"):
+                print(f"  {who:5s} {key:8s} {toks[who][key]}")
+        print(f"timed: median of {a.steps} steady-state steps (after {a.warmup} warm-up) of {a.batch_size} pairs, "
+              f"on_step_begin -> on_step_end (forward + backward + optimizer; TRL's includes its reference "
+              f"forward); excluded: loading, collation, hallu's one reference pass; {a.threads} torch threads, fp32")
         for lora in (False, True):
-            res = {}
-            for who in ("trl", "hallu"):
-                cmd = [sys.executable, __file__, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
-                       "--one", who, "1" if lora else "0", str(root)]
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-                if p.returncode or not line:
-                    print(f"{who} {'lora' if lora else 'full'} failed:\n{p.stderr[-3000:]}")
-                    return
-                res[who] = json.loads(line[0][7:])
+            res = {who: _child(who, lora, root, a) for who in ("trl", "hallu")}
             t, h = res["trl"], res["hallu"]
             mode = "lora" if lora else "full"
-            rel_c = abs(h["logps_chosen"] - t["logps_chosen"]) / abs(t["logps_chosen"])
-            rel_r = abs(h["logps_rejected"] - t["logps_rejected"]) / abs(t["logps_rejected"])
-            time_ratio = (h["seconds"] / h["pairs"]) / (t["seconds"] / t["pairs"])
-            mem_ratio = h["peak_mb"] / t["peak_mb"] if t["peak_mb"] > 0 else float("nan")
-            print(f"[{mode}] first-step logps/chosen   trl {t['logps_chosen']:.6f}  hallu {h['logps_chosen']:.6f}"
-                  f"  rel diff {rel_c:.2e} ({'ok' if rel_c <= 1e-4 else 'MISMATCH'})")
-            print(f"[{mode}] first-step logps/rejected trl {t['logps_rejected']:.6f}  hallu {h['logps_rejected']:.6f}"
-                  f"  rel diff {rel_r:.2e} ({'ok' if rel_r <= 1e-4 else 'MISMATCH'})")
-            print(f"[{mode}] time per pair: trl {t['seconds'] / t['pairs'] * 1e3:.1f} ms, hallu "
-                  f"{h['seconds'] / h['pairs'] * 1e3:.1f} ms, ratio {time_ratio:.2f} (target <= 0.6: "
-                  f"{'met' if time_ratio <= 0.6 else 'NOT met'})")
-            print(f"[{mode}] peak memory: trl {t['peak_mb']:.0f} MB, hallu {h['peak_mb']:.0f} MB, ratio "
-                  f"{mem_ratio:.2f} (target <= 0.8: {'met' if mem_ratio <= 0.8 else 'NOT met'})")
+            for key in ("chosen", "rejected"):
+                tv, hv = t[f"logps_{key}"], h[f"logps_{key}"]
+                rel = abs(hv - tv) / abs(tv)
+                print(f"[{mode}] first-step logps/{key:8s} trl {tv:.6f}  hallu {hv:.6f}  rel diff {rel:.2e} "
+                      f"({'ok' if rel <= 1e-4 else 'MISMATCH'})")
+            ts, hs = (statistics.median(x["step_seconds"][a.warmup:]) / a.batch_size for x in (t, h))
+            ratio = hs / ts
+            print(f"[{mode}] time per pair: trl {ts * 1e3:.1f} ms, hallu {hs * 1e3:.1f} ms, ratio {ratio:.2f} "
+                  f"(target <= 0.6: {'met' if ratio <= 0.6 else 'NOT met'})")
+            mem = h["peak_mb"] / t["peak_mb"] if t["peak_mb"] > 0 else float("nan")
+            print(f"[{mode}] peak memory: trl {t['peak_mb']:.0f} MB, hallu {h['peak_mb']:.0f} MB, ratio {mem:.2f} "
+                  f"(target <= 0.8: {'met' if mem <= 0.8 else 'NOT met'})")
 
 
 if __name__ == "__main__":

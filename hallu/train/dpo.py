@@ -189,16 +189,28 @@ def _opa_weights(tokenizer, processor, pair, rendered_prompt, answers, method_op
 
 
 class _Batch:
-    """The scored sequences of a batch of examples, as tensors on the model's device."""
+    """The processor inputs of a batch of examples, built at collate time (outside the timed training step).
 
-    def __init__(self, examples: list[Example], processor, model, spec: MethodSpec, method_opts):
+    ``sequences(model)`` moves them to the model's device and runs the forward; the processor work (image
+    loading, pixel values, tokenising) happens once here, so the reference pass and a training step pay
+    only for the model.
+    """
+
+    def __init__(self, examples: list[Example], processor, share: bool, spec: MethodSpec, method_opts):
+        from hallu.train import pair_forward as pf
+
         self.examples = examples
-        self.processor = processor
         self.spec = spec
         self.opts = method_opts
-        self.images = [[load_image(i) for i in ex.images] for ex in examples]
-        self.texts = [ex.prompt_text for ex in examples]
+        self.share = share
         self.pad_id = _pad_id(processor)
+        self.k = len(examples[0].answers)
+        images = [[load_image(i) for i in ex.images] for ex in examples]
+        self.enc = pf.encode_prompts(processor, [ex.prompt_text for ex in examples], images,
+                                     repeat=1 if share else self.k)
+        self.masked_pixels = None
+        if spec.loss == "opa" and method_opts.image_coef and "pixel_values" in self.enc:
+            self.masked_pixels = self._masked_pixels(self.enc["pixel_values"], share, self.k)
 
     def sequences(self, model) -> dict[str, Any]:
         """Per-token log-probs [B, T] and masks of every scored sequence, in ``Example.ref`` order."""
@@ -206,18 +218,15 @@ class _Batch:
 
         from hallu.train import pair_forward as pf
 
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        share = pf.can_share_prompt(model)
-        k = len(self.examples[0].answers)
-        enc = pf.encode_prompts(self.processor, self.texts, self.images, repeat=1 if share else k,
-                                device=device, dtype=dtype)
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        enc = _to_device(self.enc, device, dtype)
+        share, k = self.share, self.k
         out = pf.continuation_logps(model, enc, [ex.answers for ex in self.examples], self.pad_id, share)
         seqs = [_rows(out.token_logps, k, j) for j in range(k)]
         masks = [_rows(out.mask, k, j) for j in range(k)]
-        if self.spec.loss == "opa" and self.opts.image_coef:
-            masked = dict(enc)
-            masked["pixel_values"] = self._masked_pixels(enc["pixel_values"], share, k)
+        if self.masked_pixels is not None:
+            masked = dict(enc, pixel_values=self.masked_pixels.to(device, dtype))
             two = [[ex.answers[0], ex.answers[2]] for ex in self.examples]
             if not share:  # the plain path takes each prompt once per answer: drop the original's copies
                 masked = _select_repeats(masked, k, [0, 2])
@@ -241,9 +250,18 @@ class _Batch:
             reps = 1 if share else k
             start = i * per_example * reps
             block = pixel_values[start : start + per_example]
-            masked = mask_pixels(block.cpu(), self.opts.mask_ratio, generator=g).to(pixel_values.device)
+            masked = mask_pixels(block, self.opts.mask_ratio, generator=g)
             chunks += [masked] * reps
         return torch.cat(chunks, 0)
+
+
+def _to_device(inputs: dict, device, dtype) -> dict:
+    """Tensors to ``device``; floating pixel values to the model's dtype."""
+    out = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+    for key in ("pixel_values",):
+        if key in out and out[key].is_floating_point():
+            out[key] = out[key].to(dtype)
+    return out
 
 
 def _select_repeats(inputs: dict, k: int, keep: list[int]) -> dict:
@@ -341,8 +359,8 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             import torch
 
-            examples = inputs["examples"]
-            batch = _Batch(examples, self.processor_obj, model, self.spec, self.method_opts)
+            batch = inputs["batch"]
+            examples = batch.examples
             policy = batch.sequences(model)
             device = policy["masks"][0].device
             if self.reference == "adapter-off":
@@ -387,8 +405,14 @@ class _ListDataset:
         return self.items[i]
 
 
-def _collate(items):
-    return {"examples": list(items)}
+class _Collator:
+    """Examples -> {"batch": _Batch}: the processor runs here, in the data loader, not in the training step."""
+
+    def __init__(self, processor, share: bool, spec: MethodSpec, method_opts):
+        self.processor, self.share, self.spec, self.opts = processor, share, spec, method_opts
+
+    def __call__(self, items):
+        return {"batch": _Batch(list(items), self.processor, self.share, self.spec, self.opts)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,6 +425,7 @@ def reference_logps(model, processor, examples: list[Example], spec, method_opts
     import torch
 
     from hallu.fileio import atomic_write_jsonl, iter_jsonl
+    from hallu.train.pair_forward import can_share_prompt
 
     if cache.exists():
         rows = {}
@@ -419,7 +444,7 @@ def reference_logps(model, processor, examples: list[Example], spec, method_opts
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start : start + batch_size]
-                seqs = _Batch(chunk, processor, model, spec, method_opts).sequences(model)
+                seqs = _Batch(chunk, processor, can_share_prompt(model), spec, method_opts).sequences(model)
                 for i, ex in enumerate(chunk):
                     ex.ref = [seqs["logps"][j][i][: int(seqs["masks"][j][i].sum())].tolist()
                               for j in range(len(seqs["logps"]))]
@@ -436,8 +461,11 @@ def reference_logps(model, processor, examples: list[Example], spec, method_opts
 
 
 def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opts: DpoOptions,
-            warn=lambda msg: None) -> dict:
-    """Train; returns a summary (final folder, steps, world facts). A rerun resumes from the last checkpoint."""
+            warn=lambda msg: None, callbacks=()) -> dict:
+    """Train; returns a summary (final folder, steps, world facts). A rerun resumes from the last checkpoint.
+
+    ``callbacks``: extra transformers ``TrainerCallback``s (benchmarks time the steps with one).
+    """
     from hallu.train import common
 
     spec = get_method(opts.method)
@@ -489,6 +517,9 @@ def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opt
             out_dir.mkdir(parents=True, exist_ok=True)
             reference_logps(model_obj, processor, examples, spec, method_opts, out_dir / "reference_logps.jsonl",
                             key, opts.batch_size)
+        from hallu.train.pair_forward import can_share_prompt
+
+        pf_share = can_share_prompt(model_obj)
         if opts.lora:
             from peft import get_peft_model
 
@@ -496,8 +527,9 @@ def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opt
             model_obj = get_peft_model(model_obj, common.lora_config(lc.r, lc.alpha, lc.dropout, lc.target,
                                                                      lc.include_vision))
         trainer = _trainer_class()(
-            model=model_obj, args=args, train_dataset=_ListDataset(examples), data_collator=_collate,
-            callbacks=[common.LogHistoryCallback(log_path)], spec=spec, method_opts=method_opts,
+            model=model_obj, args=args, train_dataset=_ListDataset(examples),
+            data_collator=_Collator(processor, pf_share, spec, method_opts),
+            callbacks=[common.LogHistoryCallback(log_path), *callbacks], spec=spec, method_opts=method_opts,
             reference=reference, processor_obj=processor,
         )
         from hallu.train.sft import _manifest_progress, _save_final, _use_rich_progress
