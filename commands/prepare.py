@@ -80,6 +80,10 @@ def _superseded(path: Path, kept: Path) -> None:
 
 app.command("pope")(prepare_pope.pope)
 
+from hallu.commands import prepare_export  # noqa: E402
+
+app.command("export")(boundary(prepare_export.export))
+
 # Importers of released data sets (ha-dpo, opa-dpo, rlaif-v, llava-665k, coco, vg, pairs, ...) and `mia`.
 from hallu.commands import prepare_import  # noqa: E402
 
