@@ -75,6 +75,9 @@ def build_pairs(method: str, prompts: dict[str, Prompt], responses: list[Respons
         if resp is None:
             raise HalluError(f"revision {rev.id!r}: response {rev.response_id!r} is not in the responses")
         prompt = prompts[resp.prompt_id]
+        if rev.meta.get("failed"):
+            skipped[f"judge failed ({rev.meta['failed']})"] += 1
+            continue
         revised = rev.text.strip()
         if not revised:
             skipped["revision is empty (every sentence was wrong)"] += 1

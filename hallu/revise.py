@@ -85,9 +85,10 @@ def revise(run: Run, opts: ReviseOptions, responses_path: Path | None = None,
     from hallu.judges.base import JudgeGroup
 
     judge = load_judge(opts.judge)
-    method = opts.method or P.DEFAULT_METHOD.get(opts.judge, "dpo")
-    P.check_method(method)
     judge_opts = resolve_judge_options(judge, opts.judge_options, opts.judge)
+    method = opts.method or (judge.default_method(judge_opts) if hasattr(judge, "default_method")
+                             else P.DEFAULT_METHOD.get(opts.judge, "dpo"))
+    P.check_method(method)
     judge.check(judge_opts)  # a missing API key, a bad threshold: before anything is read or loaded
 
     if responses_path is None:
@@ -141,6 +142,8 @@ def revise(run: Run, opts: ReviseOptions, responses_path: Path | None = None,
             runtime["cache_path"] = str(st.dir / "judge_cache.jsonl")
         out = st.dir / "revisions.jsonl"
         usage: dict = {}
+        if hasattr(judge, "reset"):  # judges with state (a client and its cost meter) start afresh
+            judge.reset()
         try:
             count = run_batched(
                 st, out, groups, batch_size=opts.batch_size,

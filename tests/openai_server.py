@@ -68,10 +68,14 @@ class RecordedRequest:
 
     @property
     def prompt(self) -> str:
+        """The last message's text (the text parts joined, when its content is a list of parts)."""
         try:
-            return self.body["messages"][-1]["content"]
+            content = self.body["messages"][-1]["content"]
         except (TypeError, KeyError, IndexError):
             return ""
+        if isinstance(content, list):
+            return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return content if isinstance(content, str) else ""
 
 
 class _Rule:
@@ -105,6 +109,7 @@ class FakeOpenAIServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self._httpd: ThreadingHTTPServer | None = None
+        self._seen: dict[str, int] = {}  # request body -> how many times it arrived (see respond)
         self._thread: threading.Thread | None = None
 
     # -- scripting -------------------------------------------------------------------------------
@@ -119,10 +124,19 @@ class FakeOpenAIServer:
             self._rules.append(_Rule(match, list(actions), repeat_last))
         return self
 
+    def respond(self, fn: Callable[[RecordedRequest, int], Action]) -> FakeOpenAIServer:
+        """Answer every request not matched by an earlier rule with ``fn(request, seen)``, where ``seen``
+        counts the earlier requests with the same body: a test can fail a request's first try and
+        answer its retry, whatever order concurrent requests arrive in."""
+        with self._lock:
+            self._rules.append(_Rule(lambda req: True, [fn], repeat_last=True))
+        return self
+
     def reset(self) -> None:
         with self._lock:
             self._rules.clear()
             self.requests.clear()
+            self._seen.clear()
             self.max_in_flight = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -183,6 +197,11 @@ class FakeOpenAIServer:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             rule = next((r for r in self._rules if r.accepts(req)), None)
             action = rule.next_action() if rule is not None else None
+            body_key = json.dumps(body, sort_keys=True) if not isinstance(body, str) else body
+            seen = self._seen.get(body_key, 0)
+            self._seen[body_key] = seen + 1
+        if callable(action):
+            action = action(req, seen)
         try:
             if action is None:
                 err = {"error": {"message": "fake server: no rule matches", "type": "test"}}

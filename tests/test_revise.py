@@ -177,3 +177,180 @@ def test_bad_options_are_one_line(world, tmp_path):
     assert_one_error_line(cli("revise", "--run", run, "--responses", resp, "--max-cost", 1),
                           "--max-cost", "annotations judge")
     assert_one_error_line(cli("revise", "--run", tmp_path / "empty"), "no finished rollout")
+
+
+# --------------------------------------------------------------------------------------------------
+# The openai judge against a real HTTP server on loopback
+
+
+from tests.openai_server import FakeOpenAIServer, Raw, Reply, Status  # noqa: E402
+
+FAST = ["--option", "backoff_s=0.01", "--option", "timeout_s=1.0", "--concurrency", 4]
+
+
+def _report_reply(req) -> Reply:
+    """The report a careful judge writes: 'giraffe'/'zebra' sentences removed, one sentence number it does
+    not have (99, to be ignored), sentence 1 left out when there are four (counts as unchanged)."""
+    body = json.loads(req.body["messages"][1]["content"][0]["text"])
+    report = {"image_description": "shapes", "99": {"rewritten_content": "NEVER", "score": 1}}
+    for k, sent in body["sentences"].items():
+        if len(body["sentences"]) == 4 and k == "1":
+            continue
+        wrong = "giraffe" in sent or "zebra" in sent
+        report[k] = {"copied_content": sent, "score": "2" if wrong else 4,
+                     "error_type": "image_recognition_error" if wrong else "correct",
+                     "object": ["giraffe -> none"] if wrong else [], "rewritten_content": "" if wrong else sent,
+                     "reason": "r"}
+    return Reply("```json\n" + json.dumps(report) + "\n```")
+
+
+def _rewrite_reply(req) -> Reply:
+    text = req.prompt.rsplit("The description:\n", 1)[1].strip()
+    return Reply(json.dumps({"rewrites": [f"Variant {i}: {text}" for i in range(3)]}))
+
+
+def _is_rewrite(req) -> bool:
+    return "Rewrite a description" in req.prompt
+
+
+def _faulty(req, seen):
+    """30 % of distinct requests fail on their first try (429 + Retry-After, 500, 503, a timeout, a body that is
+    not JSON); another 10 % first get a reply that is not the report (re-asked)."""
+    digest = int(hashlib.sha256(json.dumps(req.body, sort_keys=True).encode()).hexdigest(), 16)
+    good = _rewrite_reply(req) if _is_rewrite(req) else _report_reply(req)
+    if seen == 0 and digest % 10 < 3:
+        return [Status(429, {"Retry-After": "0.05"}), Status(500), Status(503), Reply(good.text, delay=1.5),
+                Raw(b'{"choices": [tr')][digest % 5]
+    if seen == 0 and digest % 10 == 3:
+        return Reply("I am sorry, I cannot produce JSON today.")
+    return good
+
+
+import hashlib  # noqa: E402
+
+
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-123")
+
+
+def _openai(run, resp, server, *extra):
+    return cli("revise", "--run", run, "--responses", resp, "--judge", "openai", "--base-url", server.base_url,
+               "--judge-model", "gpt-4o", *FAST, *extra)
+
+
+def test_openai_judge_survives_30pct_failures_and_a_rerun_makes_no_calls(world, tmp_path, key):
+    run = _run(world, tmp_path)
+    resp = tmp_path / "responses.jsonl"
+    prompts = _responses(world, resp)
+    with FakeOpenAIServer() as server:
+        server.respond(_faulty)
+        r = _openai(run, resp, server, "--option", "prompt=ha-dpo", "--rewrites", 3)
+        assert r.exit_code == 0, r.output
+        first = len(server.requests)
+        revs = read_records(run / "revise" / "revisions.jsonl", Revision)
+        assert len(revs) == 2 * len(prompts) and not [v for v in revs if v.meta.get("failed")], "no item lost"
+        pairs = read_records(run / "revise" / "pairs.jsonl", PreferencePair)
+        assert [p.id for p in pairs] == [f"{p.id}#1" for p in prompts]
+        by_id = {p.id: p for p in prompts}
+        for pair in pairs:
+            ref = by_id[pair.meta["prompt_id"]].reference
+            assert pair.chosen == ref and pair.meta["method"] == "ha-dpo"
+            assert pair.meta["chosen_variants"] == [f"Variant {i}: {ref}" for i in range(3)]
+            assert pair.meta["rejected_variants"] == [f"Variant {i}: {pair.rejected}" for i in range(3)]
+        rec = Run(run).read()["stages"]["revise"]
+        usage = rec["usage"]
+        assert usage["new_replies"] == first - usage["retries"] - usage["failed_requests"]
+        bodies = {json.dumps(q.body, sort_keys=True) for q in server.requests}
+        digests = [int(hashlib.sha256(b.encode()).hexdigest(), 16) % 10 for b in bodies]
+        assert usage["retries"] == sum(d < 3 for d in digests) >= 0.2 * len(bodies), "each failure retried once"
+        assert usage["failed_requests"] == 0
+        reasked = [v for v in revs if v.meta["attempts"] > 1]
+        assert reasked and all(v.meta["attempts"] == 2 for v in reasked), "an unreadable reply is asked again"
+        assert "sk-test-secret-123" not in (run / "manifest.json").read_text()
+        assert "sk-test-secret-123" not in (run / "revise" / "judge_cache.jsonl").read_text()
+
+        # Another batch size restarts the stage: every verdict comes from the cache, no HTTP call.
+        before = (run / "revise" / "revisions.jsonl").read_bytes()
+        r = _openai(run, resp, server, "--option", "prompt=ha-dpo", "--rewrites", 3, "--batch-size", 5)
+        assert r.exit_code == 0, r.output
+        assert len(server.requests) == first, "a rerun makes zero calls"
+        assert (run / "revise" / "revisions.jsonl").read_bytes() == before
+        assert Run(run).read()["stages"]["revise"]["usage"]["http_requests"] == 0
+
+
+def test_openai_report_numbers_are_read_against_our_sentences(world, tmp_path, key):
+    run = _run(world, tmp_path)
+    resp = tmp_path / "responses.jsonl"
+    prompts = _responses(world, resp)
+    p = prompts[0]
+    four = f"{p.reference} It is drawn simply. A giraffe stands there. The end is near."
+    resp.write_text(json.dumps(Response(id=f"{p.id}#0", prompt_id=p.id, sample=0, text=four, model="m").to_dict())
+                    + "\n")
+    with FakeOpenAIServer() as server:
+        server.respond(lambda req, seen: _report_reply(req))
+        r = _openai(run, resp, server, "--method", "opa-dpo")
+        assert r.exit_code == 0, r.output
+        sent = server.requests[0].body["messages"][1]["content"]
+        assert sent[1]["image_url"]["url"].startswith("data:image/png;base64,"), "the image goes along (opa)"
+    (rev,) = read_records(run / "revise" / "revisions.jsonl", Revision)
+    # sentence 1 had no entry: unchanged, no score; 99 does not exist: ignored; the giraffe sentence is gone
+    assert rev.text == f"{p.reference} It is drawn simply. The end is near." and "NEVER" not in rev.text
+    assert [s["label"] for s in rev.sentences] == ["correct", "unjudged", "hallucinated", "correct"]
+    (pair,) = read_records(run / "revise" / "pairs.jsonl", PreferencePair)
+    assert pair.meta["revised"] == rev.text and pair.chosen == pair.meta["gt"] == p.reference
+    assert [s["score"] for s in pair.meta["sentences_original"]] == [4, None, 2, 4]
+    assert [s["score"] for s in pair.meta["sentences_revised"]] == [4, None, 4]
+
+
+def test_openai_missing_key_fails_before_any_work(world, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    run = _run(world, tmp_path)
+    resp = tmp_path / "responses.jsonl"
+    _responses(world, resp)
+    with FakeOpenAIServer() as server:
+        server.respond(lambda req, seen: _report_reply(req))
+        assert_one_error_line(_openai(run, resp, server), "OPENAI_API_KEY")
+        assert server.requests == [] and not (run / "revise").exists()
+
+
+def test_openai_endpoint_that_refuses_stops_with_progress_kept(world, tmp_path, key):
+    run = _run(world, tmp_path)
+    resp = tmp_path / "responses.jsonl"
+    prompts = _responses(world, resp)
+    with FakeOpenAIServer() as server:
+        server.respond(lambda req, seen: _report_reply(req) if len(server.requests) <= 4 else Status(503))
+        r = _openai(run, resp, server, "--batch-size", 2, "--concurrency", 1, "--option", "max_attempts=2")
+        assert_one_error_line(r, "failed after every retry", "HTTP 503", "rerun to resume")
+        assert len((run / "revise" / "revisions.jsonl").read_text().splitlines()) == 4  # the first batch
+        server.reset()
+        server.respond(lambda req, seen: _report_reply(req))
+        r = _openai(run, resp, server, "--batch-size", 2, "--concurrency", 1, "--option", "max_attempts=2")
+        assert r.exit_code == 0, r.output
+        assert len(server.requests) == 2 * len(prompts) - 4, "only what was not done is asked"
+    with FakeOpenAIServer() as server:
+        server.respond(lambda req, seen: Status(401, message="bad key sk-test-secret-123"))
+        other = _run(world, tmp_path / "b")
+        r = _openai(other, resp, server)
+        assert_one_error_line(r, "HTTP 401", "OPENAI_API_KEY")
+        assert "sk-test-secret-123" not in r.output
+
+
+def test_openai_max_cost_stops_cleanly_and_resumes(world, tmp_path, key):
+    run = _run(world, tmp_path)
+    resp = tmp_path / "responses.jsonl"
+    prompts = _responses(world, resp)
+    with FakeOpenAIServer() as server:
+        # 1000 prompt tokens per reply at 100 USD per million: 0.1 USD a reply
+        server.respond(lambda req, seen: Reply(_report_reply(req).text, usage=(1000, 0)))
+        args = ["--batch-size", 2, "--concurrency", 1, "--price", "100,100"]
+        r = _openai(run, resp, server, *args, "--max-cost", 0.55)
+        assert_one_error_line(r, "max cost 0.55 USD reached", "higher --max-cost")
+        spent = len(server.requests)
+        assert spent == 6  # 6 replies reach 0.6 USD >= 0.55; nothing more is sent
+        rec = Run(run).read()["stages"]["revise"]
+        assert rec["status"] == "failed" and rec["usage"]["cost_usd"] == pytest.approx(0.6)
+        assert len((run / "revise" / "revisions.jsonl").read_text().splitlines()) == 4  # two whole batches
+        r = _openai(run, resp, server, *args, "--max-cost", 100)
+        assert r.exit_code == 0, r.output
+        assert len(server.requests) == 2 * len(prompts), "the replies of the stopped batch came from the cache"
