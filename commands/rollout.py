@@ -38,6 +38,28 @@ def rollout(
     greedy: Annotated[
         bool, typer.Option("--greedy", help="Greedy decoding instead of sampling (n must be 1).")
     ] = False,
+    num_beams: Annotated[
+        int, typer.Option("--num-beams", min=1, help="Beam search with this many beams (> 1; n must be 1).")
+    ] = 1,
+    logprobs: Annotated[
+        bool, typer.Option("--logprobs", help="Record each generated token's log-prob (raw logits) per response.")
+    ] = False,
+    capture_attention: Annotated[
+        bool,
+        typer.Option("--capture-attention",
+                     help="MIA-DPO: record where each answer looks (per-image attention shares, the map of a "
+                          "single image) and its perplexity, for `hallu revise --judge attention`."),
+    ] = False,
+    attention_layer: Annotated[
+        int | None,
+        typer.Option("--attention-layer", help="Decoder layer --capture-attention reads (0-based, negative from "
+                                               "the end; default the middle one, 16 of 32 as MIA-DPO)."),
+    ] = None,
+    corrupted_images: Annotated[
+        bool,
+        typer.Option("--corrupted-images",
+                     help="MIA-DPO: answer grid / pic-in-pic prompts from their noisy copy (meta.mia.corrupted_image)."),
+    ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch (each with its n samples).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed; each batch derives its own, so resumed runs match.")] = 0,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts.")] = None,
@@ -60,5 +82,7 @@ def rollout(
     opts = RolloutOptions(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           greedy=greedy, batch_size=batch_size, seed=seed, limit=limit, load=load)
     opts.allow_outside_images = allow_outside_images
+    opts.num_beams, opts.logprobs, opts.corrupted_images = num_beams, logprobs, corrupted_images
+    opts.capture_attention, opts.attention_layer = capture_attention, attention_layer
     result = run_rollout(Run(run), model, prompts, opts)
     note("rollout", f"{result['responses']} responses in {result['path']}")

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hallu.errors import HalluError
-from hallu.records import assistant_message, load_image, resolve_image, user_messages
+from hallu.records import IMAGE_TAG, assistant_message, load_image, resolve_image, user_content, user_messages
 
 # Model types whose text positions are plain 1-D and whose image features depend on the image alone.
 PREFIX_SHARING_TYPES = frozenset({"llava", "llava_next"})
@@ -49,6 +49,9 @@ class GenRequest:
     images: Sequence[Any]
     text: str
     image_key: tuple | None = None  # requests with equal keys share an image prefix; default: the paths
+    # Earlier turns of a multi-turn conversation ({"role": "user"|"assistant", "text"}); ``text`` is the last
+    # user turn, the one answered. Images sit at the ``<image>`` tags of the user turns, else in the first.
+    history: Sequence[dict] = ()
 
     def key(self) -> tuple:
         if self.image_key is not None:
@@ -70,6 +73,7 @@ class Generation:
     text: str
     tokens: int
     finished: bool  # ended with EOS (False: cut at max_new_tokens)
+    logprobs: list[float] | None = None  # per kept token, from the raw logits (Decoding.logprobs)
 
 
 @dataclass
@@ -118,6 +122,9 @@ class AttentionShares:
     image_shares: list[list[float]]
     text_shares: list[float]
     per_token: list[list[list[float]]] | None = None
+    # ``image_maps[l][i][j]``, when asked for: the attention on image ``i``'s token ``j`` (heads, then the
+    # completion's tokens averaged): MIA-DPO's 24x24 map for grid and pic-in-pic selection.
+    image_maps: list[list[list[float]]] | None = None
 
     def ratios(self, layer: int | None = None) -> list[float]:
         """MIA-DPO's sequence ratio: each image's mean per-token attention over the sum of those means."""
@@ -136,9 +143,14 @@ class Decoding:
     num_beams: int = 1
     n: int = 1
     seed: int = 0
+    logprobs: bool = False  # also return each generated token's log-prob (raw logits: before temperature/top-p)
 
     def generate_kwargs(self) -> dict:
         kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
+        if self.logprobs:
+            if self.num_beams > 1:  # per-step logits follow beams, not the returned sequences
+                raise HalluError("token log-probs are not available with beam search (num_beams > 1)")
+            kw.update(output_logits=True, return_dict_in_generate=True)
         if self.do_sample:
             kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
         else:
@@ -204,8 +216,28 @@ class Engine:
     # -- prompt rendering ------------------------------------------------------------------------------
 
     def render(self, request: GenRequest) -> str:
-        messages = user_messages(request.text, len(request.images))
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.processor.apply_chat_template(self.messages(request), add_generation_prompt=True,
+                                                  tokenize=False)
+
+    @staticmethod
+    def messages(request: GenRequest) -> list[dict]:
+        """The conversation up to the turn to answer, as typed messages (images where they belong)."""
+        if not request.history:
+            return user_messages(request.text, len(request.images))
+        turns = [*request.history, {"role": "user", "text": request.text}]
+        tagged = sum(t["text"].count(IMAGE_TAG) for t in turns if t["role"] == "user")
+        if tagged and tagged != len(request.images):
+            raise HalluError(f"request {request.id}: {tagged} {IMAGE_TAG} tags over the user turns but "
+                             f"{len(request.images)} images")
+        out, first_user = [], True
+        for t in turns:
+            if t["role"] == "user":
+                n = len(request.images) if (first_user and not tagged) else 0
+                out.append({"role": "user", "content": user_content(t["text"], n)})
+                first_user = False
+            else:
+                out.append(assistant_message(t["text"]))
+        return out
 
     def _images(self, request: GenRequest) -> list:
         out = []
@@ -318,7 +350,7 @@ class Engine:
             yield out
 
     def attention(self, requests: Sequence[ScoreRequest], layers: Sequence[int] = (16,), *,
-                  include_eos: bool = False, per_token: bool = False,
+                  include_eos: bool = False, per_token: bool = False, maps: bool = False,
                   progress: Callable[[int], None] | None = None) -> Iterator[list[AttentionShares]]:
         """Yield, per completion, the share of attention its tokens put on each image (MIA-DPO's statistic).
 
@@ -341,7 +373,8 @@ class Engine:
         image_id = self._image_token_id()
         with _eager_attention(self.model):
             for batch in self._batches(rows, by_image=self.share_prefix):
-                capture = _AttentionCapture([decoder_layers[k].self_attn for k in resolved], image_id, per_token)
+                capture = _AttentionCapture([decoder_layers[k].self_attn for k in resolved], image_id, per_token,
+                                            maps=maps)
                 with torch.inference_mode():
                     self._target_forward(batch, capture=capture)
                 out = []
@@ -350,7 +383,8 @@ class Engine:
                     out.append(AttentionShares(
                         row.request.id, row.sample, list(resolved), capture.image_tokens[id(row)],
                         [s.mean(0).tolist() for s in shares], [float(t.mean()) for t in text],
-                        [s.tolist() for s in shares] if per_token else None))
+                        [s.tolist() for s in shares] if per_token else None,
+                        capture.maps(row) if maps else None))
                 if progress:
                     progress(len(batch))
                 yield out
@@ -364,7 +398,7 @@ class Engine:
         what the model would emit. Text the template adds after that token is never generated.
         """
         where = where or f"request {request.id}"
-        msgs = user_messages(request.text, len(request.images))
+        msgs = self.messages(request)
         base = self.render(request)
         full = self.processor.apply_chat_template(msgs + [assistant_message(completion)], tokenize=False)
         base_ids = self.tokenizer(base, add_special_tokens=False)["input_ids"]
@@ -420,8 +454,9 @@ class Engine:
         enc = self._encode_plain(batch)
         kw = decoding.generate_kwargs()
         out = self.model.generate(**enc, **kw, pad_token_id=self.pad_id)
-        new = out[:, enc["input_ids"].shape[1] :]
-        return self._decode(batch, new)
+        seqs, steps = (out.sequences, out.logits) if decoding.logprobs else (out, None)
+        new = seqs[:, enc["input_ids"].shape[1] :]
+        return self._decode(batch, new, steps)
 
     def _last_logits_plain(self, batch: list[_Row]):
         enc = self._encode_plain(batch)
@@ -527,7 +562,8 @@ class Engine:
         cache = _branch_cache(self.model.config, cache, owner, ids.shape[1] + decoding.max_new_tokens)
         out = self.model.generate(input_ids=ids, attention_mask=mask, cache=cache,
                                   **decoding.generate_kwargs(), pad_token_id=self.pad_id)
-        gens = self._decode(rows, out[:, ids.shape[1] :])
+        seqs, steps = (out.sequences, out.logits) if decoding.logprobs else (out, None)
+        gens = self._decode(rows, seqs[:, ids.shape[1] :], steps)
         order = {id(r): k for k, r in enumerate(rows)}
         return [gens[order[id(r)]] for r in batch]
 
@@ -643,19 +679,29 @@ class Engine:
 
     # -- decoding ------------------------------------------------------------------------------------------
 
-    def _decode(self, rows: list[_Row], new_tokens) -> list[Generation]:
+    def _decode(self, rows: list[_Row], new_tokens, step_logits=None) -> list[Generation]:
+        """Text of each row's new tokens (up to EOS, pads dropped); with ``step_logits`` (one (rows x vocab)
+        tensor per step) also the log-prob of every kept token."""
+        import torch
+
         eos_ids = self._eos_ids()
+        picked = None
+        if step_logits:
+            steps = torch.stack([s.float() for s in step_logits], 1).log_softmax(-1)  # (rows, steps, vocab)
+            picked = steps.gather(-1, new_tokens[:, : steps.shape[1], None].to(steps.device))[..., 0].tolist()
         out = []
-        for row, toks in zip(rows, new_tokens.tolist(), strict=True):
+        for k_row, (row, toks) in enumerate(zip(rows, new_tokens.tolist(), strict=True)):
             n = len(toks)
             finished = False
             for k, t in enumerate(toks):
                 if t in eos_ids:
                     n, finished = k, True
                     break
-            kept = [t for t in toks[:n] if t != self.pad_id]
+            keep = [k for k in range(n) if toks[k] != self.pad_id]
+            kept = [toks[k] for k in keep]
             text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-            out.append(Generation(row.request.id, row.sample, text, len(kept), finished))
+            lps = [picked[k_row][k] for k in keep] if picked is not None else None
+            out.append(Generation(row.request.id, row.sample, text, len(kept), finished, lps))
         return out
 
 
@@ -789,12 +835,14 @@ class _AttentionCapture:
     of the (heads x queries x keys) map, which is dropped as soon as the layer returns.
     """
 
-    def __init__(self, modules: list, image_token_id: int | None, per_token: bool):
+    def __init__(self, modules: list, image_token_id: int | None, per_token: bool, maps: bool = False):
         self.modules = modules
         self.image_token_id = image_token_id
         self.per_token = per_token
+        self.keep_maps = maps
         self.image_tokens: dict[int, list[int]] = {}
         self._shares: dict[int, dict[int, tuple]] = {}
+        self._maps: dict[int, dict[int, list]] = {}
 
     @contextmanager
     def hooks(self, rows: list[_Row], mask, q_offset: int):
@@ -834,8 +882,14 @@ class _AttentionCapture:
                 w = weights[k][:, queries].float().mean(0)  # (target tokens, keys), averaged over heads
                 on_images = torch.stack([w[:, c].sum(-1) for c in image_cols], -1)
                 self._shares.setdefault(key, {})[layer] = (on_images.cpu(), w[:, text_cols].sum(-1).cpu())
+                if self.keep_maps:
+                    self._maps.setdefault(key, {})[layer] = [w[:, c].mean(0).tolist() for c in image_cols]
 
         return reduce
+
+    def maps(self, row: _Row) -> list[list[list[float]]]:
+        """Per layer, per image: the attention on each of its tokens, averaged over the target tokens."""
+        return [self._maps[id(row)][k] for k in range(len(self.modules))]
 
     def result(self, row: _Row):
         """Per layer: (target tokens x images) image shares, (target tokens) text shares."""
