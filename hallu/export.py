@@ -62,7 +62,7 @@ def _write_trl(pairs: list[PreferencePair], files: list[list[Path]], tmp: Path, 
                          "chosen": message, "rejected": message})
 
     def rows():
-        for line, (pair, paths) in enumerate(zip(pairs, files), 1):
+        for line, (pair, paths) in enumerate(zip(pairs, files, strict=True), 1):
             row = pair_to_trl(pair)
             for part in (p for m in row["prompt"] + row["chosen"] + row["rejected"] for p in m["content"]):
                 part.setdefault("text", None)  # one struct shape for image and text parts
@@ -83,7 +83,7 @@ def _write_llama_factory(pairs: list[PreferencePair], files: list[list[Path]], t
     (tmp / "images").mkdir()
     copied: dict[Path, str] = {}
     rows = []
-    for pair, paths in zip(pairs, files):
+    for pair, paths in zip(pairs, files, strict=True):
         names = []
         for f in paths:
             if f not in copied:

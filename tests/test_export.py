@@ -101,7 +101,7 @@ def test_llama_factory_export_reimports_as_the_same_pairs(revised, tmp_path):
     rows = json.loads((out / "pairs.json").read_text())
     pairs = read_records(revised / "revise" / "pairs.jsonl", PreferencePair)
     assert len(rows) == len(pairs)
-    for i, (row, pair) in enumerate(zip(rows, pairs)):
+    for i, (row, pair) in enumerate(zip(rows, pairs, strict=True)):
         assert row["conversations"][0]["value"].startswith("<image>")
         assert all((out / img).is_file() for img in row["images"])
         back = pair_from_external(row, f"row {i}", i)  # hallu's own LLaMA-Factory importer reads it back

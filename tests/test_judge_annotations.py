@@ -72,7 +72,8 @@ def test_bad_options_name_the_option():
 @pytest.mark.parametrize("mode", A.MODES)
 def test_shapes_world_no_hallucinated_object_survives(tmp_path, mode):
     shapes.build_world(tmp_path, n_images=30, seed=1)
-    prompts = [Prompt.from_dict(json.loads(x), "prompts") for x in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "prompts.jsonl").read_text().splitlines()
+    prompts = [Prompt.from_dict(json.loads(x), "prompts") for x in lines]
     names = [c.name for c in shapes.CATEGORIES]
     groups, injected, first = [], {}, {}
 

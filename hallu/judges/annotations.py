@@ -148,7 +148,7 @@ def _rewrite(sent: str, wrong: list[str], unused: list[str], matcher, truth: set
 
     if len(unused) < len(wrong):
         return None
-    swap = dict(zip(wrong, unused))
+    swap = dict(zip(wrong, unused, strict=False))  # unused may be longer
     words = [(m.start(), m.end(), m.group(0)) for m in _WORD.finditer(sent)]
     pieces, at, i = [], 0, 0
     while i < len(words):

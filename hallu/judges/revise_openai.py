@@ -232,7 +232,7 @@ def read_report(report: dict, sentences: list[str]) -> dict | None:
             revised_parts.append(new)
             revised.append({"text": new, "score": score, "error_type": etype})
     added = report.get("Added")
-    added_text = added.get("rewritten_content") if isinstance(added, dict) else added if isinstance(added, str) else None
+    added_text = added.get("rewritten_content") if isinstance(added, dict) else added
     if isinstance(added_text, str) and added_text.strip():
         revised_parts.append(added_text.strip())
         revised.append({"text": added_text.strip(), "score": None, "error_type": None})
@@ -268,7 +268,7 @@ def judge_groups(groups, options: dict, *, progress=None) -> list[dict]:
             break
         results = _ask(judge, [correction_request(g, r, s, opts, sample) for g, r, s in pending])
         retry = []
-        for (g, r, s), res in zip(pending, results):
+        for (g, r, s), res in zip(pending, results, strict=True):
             attempts[r.id] += 1
             if not res.ok:
                 parsed[r.id] = {"failed": res.error_kind or "failed", "error": res.error}
@@ -287,7 +287,7 @@ def judge_groups(groups, options: dict, *, progress=None) -> list[dict]:
         variants = _rewrite_all(judge, [(r, parsed[r.id]) for _, r, _ in items], opts)
 
     out = []
-    for g, r, s in items:
+    for _group, r, s in items:
         rep = parsed[r.id]
         meta = {"prompt": opts["prompt"], "model": opts["model"], "attempts": attempts[r.id]}
         if "failed" in rep:
@@ -320,7 +320,7 @@ def _rewrite_all(judge, done: list, opts: dict) -> dict[str, dict]:
             break
         results = _ask(judge, [rewrite_request(t, n, opts, f"{rid} ({side})", sample) for rid, side, t in pending])
         retry = []
-        for job, res in zip(pending, results):
+        for job, res in zip(pending, results, strict=True):
             items = _rewrites_of(res.text, n) if res.ok else None
             if items is None and res.ok:
                 retry.append(job)
