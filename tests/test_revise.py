@@ -354,3 +354,39 @@ def test_openai_max_cost_stops_cleanly_and_resumes(world, tmp_path, key):
         r = _openai(run, resp, server, *args, "--max-cost", 100)
         assert r.exit_code == 0, r.output
         assert len(server.requests) == 2 * len(prompts), "the replies of the stopped batch came from the cache"
+
+
+def test_ranked_pairs_take_the_judges_chosen_and_rejected():
+    from hallu.pairs import build_pairs
+
+    prompt = Prompt(id="p", images=["/img/a.png"], question="Describe.")
+    resps = [Response(id=f"p#{i}", prompt_id="p", sample=i, text=f"answer {i}", model="m") for i in range(4)]
+    other = Prompt(id="q", images=["/img/b.png"], question="Describe.")
+    resps.append(Response(id="q#0", prompt_id="q", sample=0, text="only", model="m"))
+    roles = {0: ("rejected", 1, 0.11), 1: ("chosen", 2, 0.30), 2: ("chosen", 1, 0.35), 3: (None, 3, 0.2)}
+    revs = [Revision(id=f"p#{i}", response_id=f"p#{i}", text=f"answer {i}", judge="clip",
+                     meta={"role": role, "rank": rank, "score": score, "min_score": 0.1} if role else
+                     {"rank": rank, "score": score})
+            for i, (role, rank, score) in roles.items()]
+    revs.append(Revision(id="q#0", response_id="q#0", text="only", judge="clip", meta={"role": "chosen"}))
+    pairs, skipped = build_pairs("clip-dpo", {"p": prompt, "q": other}, resps, revs)
+    (pair,) = pairs
+    # of two chosen candidates the better ranked (rank 1) wins
+    assert (pair.id, pair.chosen, pair.rejected, pair.images) == ("p", "answer 2", "answer 0", ["/img/a.png"])
+    assert pair.meta["chosen_judge"] == {"rank": 1, "score": 0.35, "min_score": 0.1}
+    assert pair.meta["rejected_response"] == "p#0" and pair.meta["method"] == "clip-dpo"
+    assert skipped == {"no chosen/rejected pair passed the judge's filters": 1}
+
+
+def test_opa_pairs_load_in_the_dpo_trainer(world, tmp_path):
+    from hallu.methods import get_method
+    from hallu.train.dpo import load_pairs
+
+    run = _run(world, tmp_path)
+    resp = tmp_path / "responses.jsonl"
+    prompts = _responses(world, resp)
+    assert cli("revise", "--run", run, "--responses", resp, "--method", "opa-dpo").exit_code == 0
+    spec = get_method("opa-dpo")
+    loaded = load_pairs(run / "revise" / "pairs.jsonl", spec, spec.options())
+    assert len(loaded) == 2 * len(prompts)
+    assert all(p.meta["revised"] and p.meta["gt"] == p.chosen for p, _ in loaded)

@@ -5,6 +5,13 @@ A judge is a module with ``OPTIONS`` (its flags and their defaults, recorded in 
 ``judge_groups(groups, options, *, progress=None) -> list[dict]`` (Revision dicts). Groups carry all
 K samples of a prompt so rankers (clip, attention) can compare them; correctors (openai,
 annotations) revise each response on its own.
+
+What the revise stage relies on: exactly one Revision dict per response of every group, with
+``id == response_id ==`` the response id (the stage resumes by these ids). Rankers mark the pair they
+pick in ``meta["role"]`` (``"chosen"`` / ``"rejected"``; ``meta["rank"]``, lower is better, breaks
+ties) and keep their scores and thresholds in ``meta``; :mod:`hallu.pairs` copies them into the pair.
+Optional hooks: ``default_method(options)``, ``reset()`` (a stage begins) and ``usage()`` (tokens and
+cost, recorded in the manifest).
 """
 
 from __future__ import annotations
