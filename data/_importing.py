@@ -189,6 +189,9 @@ def looks_like(obj: Any) -> str | None:
         return "vg (region_descriptions.json)"
     if {"image_id", "url"} <= keys:
         return "vg (image_data.json)"
+    objs = obj.get("objects")
+    if "image_id" in keys and isinstance(objs, list) and objs and isinstance(objs[0], dict):
+        return "vg (objects.json)"  # POPE's objects files list plain names instead
     if "AI_json_report" in keys or "AI_pseudo_response" in keys:
         return "opa-dpo"
     if "origin_dataset" in keys and {"question", "chosen", "rejected"} <= keys:

@@ -517,11 +517,16 @@ def test_vg_regions(tmp_path):
                                "phrase": "a red box"}]},
         {"id": 2, "regions": [{"region_id": 6, "image_id": 2, "x": 0, "y": 0, "width": 1, "height": 1,
                                "phrase": "sky"}]}])
+    objects = _dump(vg / "objects.json", [{"image_id": 1, "objects": [
+        {"object_id": 1, "x": 1, "y": 2, "w": 3, "h": 4, "names": ["box"]},
+        {"object_id": 2, "x": 0, "y": 0, "w": 2, "h": 2, "names": ["table", "box"]},
+        {"object_id": 3, "x": 0, "y": 0, "w": 2, "h": 2, "name": "cup"}]}])
     run = tmp_path / "run"
-    res, out = _prepare("vg", "--from", imgdata, "--from", regions, "--out", run)
+    res, out = _prepare("vg", "--from", imgdata, "--from", regions, "--from", objects, "--out", run)
     assert res.exit_code == 0, out
     (p,) = _prompts(run)
     assert p.id == "vg-1" and p.regions == [{"x": 1, "y": 2, "width": 3, "height": 4, "phrase": "a red box"}]
+    assert p.objects == ["box", "table", "cup"]
     assert p.images == [str((vg / "VG_100K" / "1.jpg").resolve())]
     assert _stage(run)["summary"]["skipped"] == {"missing image": 1}
     res, out = _prepare("vg", "--from", imgdata, "--out", tmp_path / "r2")
