@@ -297,9 +297,10 @@ class ImageStore:
         if (self.folder / name).exists():
             self.reused += 1
         else:
-            from hallu.fileio import atomic_write_bytes
-
-            atomic_write_bytes(self.folder / name, data)
+            # A plain write: the folder is staged and moved in whole, so a per-file fsync (seconds per
+            # thousand images, an 83k-image RLAIF-V import) buys nothing a crash could not redo.
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / name).write_bytes(data)
             self.written += 1
         return f"{IMAGES_DIR}/{name}"
 
