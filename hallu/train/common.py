@@ -12,7 +12,6 @@ import difflib
 import enum
 import json
 import os
-import shutil
 import types
 import typing
 from contextlib import contextmanager
