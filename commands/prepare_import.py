@@ -105,6 +105,23 @@ def rlaif_v(
     _import("rlaif-v", out, sources, None, strict, seed, subset=subset)
 
 
+@boundary
+def llava_665k(
+    out: OutOpt, sources: FromOpt, images: ImagesOpt = None,
+    turns: Annotated[str, typer.Option(
+        "--turns", help="first: ask the first question (conversation kept in meta); all: ask the last one "
+                        "after the earlier turns (meta.turns, as rollout answers multi-turn prompts).")] = "first",
+    strict: StrictOpt = False, seed: SeedOpt = 0,
+) -> None:
+    """LLaVA-665k / ShareGPT `conversations` JSON as prompts (streamed; multi-turn kept)."""
+    from hallu.data.llava_sft import TURNS
+    from hallu.errors import HalluError
+
+    if turns not in TURNS:
+        raise HalluError(f"--turns {turns}: unknown; choose one of {', '.join(TURNS)}")
+    _import("llava-665k", out, sources, images, strict, seed, turns=turns)
+
+
 def _plain(source: str, default_seed: int = 0):
     @boundary
     def command(out: OutOpt, sources: FromOpt, images: ImagesOpt = None, strict: StrictOpt = False,
@@ -140,6 +157,7 @@ def register(app: typer.Typer) -> None:
     """Add the importers and `mia` to the `prepare` app."""
     app.command("ha-dpo")(ha_dpo)
     app.command("rlaif-v")(rlaif_v)
-    for name in ("opa-dpo", "mia-dpo", "llava-665k", "coco", "vg", "pairs"):
+    app.command("llava-665k")(llava_665k)
+    for name in ("opa-dpo", "mia-dpo", "coco", "vg", "pairs"):
         app.command(name, help=SOURCES[name][1])(_plain(name))
     app.command("mia")(mia)

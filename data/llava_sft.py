@@ -1,8 +1,16 @@
 """LLaVA-v1.5-mix665k (and any LLaVA/ShareGPT ``conversations`` file) as prompt records.
 
 Each record ``{"id", "image", "conversations": [{"from": "human", "value"}, {"from": "gpt", "value"}, ...]}``
-becomes one prompt: the first human turn is the question, the first answer the reference, and every
-turn is kept in ``meta["turns"]`` (roles user/assistant) for multi-turn use. The ``<image>`` tag must
+becomes one prompt, in one of two shapes (``--turns``):
+
+- ``first`` (default; what MIA-DPO and the description loop use): the first human turn is the
+  question, the first answer the reference; the whole conversation is kept in
+  ``meta["conversation"]`` (roles user/assistant);
+- ``all``: the prompt asks the last human turn after the conversation so far: ``meta["turns"]`` holds
+  every turn up to it (`hallu rollout` answers a prompt with turns at its last user turn), the
+  question is that turn and the reference its answer.
+
+The ``<image>`` tag must
 appear once per image over the human turns. Text-only records (ShareGPT) are filtered and counted;
 the file is streamed, so the 1 GB release needs memory for one record at a time.
 ``meta["bucket"]`` is the image's first path component (coco, gqa, ocr_vqa, textvqa, vg): MIA-DPO draws
@@ -34,7 +42,13 @@ def turns_of(conv, where: str) -> list[dict]:
     return turns
 
 
+TURNS = ("first", "all")
+
+
 def read(ctx: ImportContext) -> Iterator[Prompt]:
+    mode = ctx.options.get("turns", "first")
+    if mode not in TURNS:
+        raise HalluError(f"--turns {mode}: unknown; choose one of {', '.join(TURNS)}")
     for path in ctx.sources:
         for line, rec in iter_records(path):
             where = f"{path}:{line}"
@@ -57,7 +71,12 @@ def read(ctx: ImportContext) -> Iterator[Prompt]:
                 continue
             if len(names) == 1:  # one image: it leads, no tag needed
                 turns = [{**t, "text": strip_image_tags(t["text"])} for t in turns]
-            answer = next((t["text"] for t in turns if t["role"] == "assistant"), None)
-            yield Prompt(id=rid, images=images, question=turns[0]["text"], reference=answer,
-                         meta={"source": SOURCE, "bucket": source_bucket(names[0]), "image_name": names[0],
-                               "turns": turns})
+            meta = {"source": SOURCE, "bucket": source_bucket(names[0]), "image_name": names[0]}
+            if mode == "all":
+                last = max(i for i, t in enumerate(turns) if t["role"] == "user")
+                answer = next((t["text"] for t in turns[last:] if t["role"] == "assistant"), None)
+                question, meta["turns"] = turns[last]["text"], turns[:last + 1]
+            else:
+                answer = next((t["text"] for t in turns if t["role"] == "assistant"), None)
+                question, meta["conversation"] = turns[0]["text"], turns
+            yield Prompt(id=rid, images=images, question=question, reference=answer, meta=meta)

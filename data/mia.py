@@ -153,8 +153,8 @@ def refusal_answer(n: int) -> str:
 
 
 def has_box_coordinates(p: Prompt) -> bool:
-    texts = [p.question, p.reference or ""] + [t.get("text", "") for t in p.meta.get("turns", [])
-                                               if isinstance(t, dict)]
+    turns = [t for key in ("turns", "conversation") for t in (p.meta.get(key) or []) if isinstance(t, dict)]
+    texts = [p.question, p.reference or ""] + [t.get("text", "") for t in turns]
     return any(_BOX.search(t) for t in texts if isinstance(t, str))
 
 
@@ -221,7 +221,8 @@ def augment(prompts: list[Prompt], base: Path, data_dir: Path, formats: list[str
         for fmt in formats:
             rng = random.Random(f"{seed}:mia:{fmt}:{p.id}")
             where = f"prompt {p.id}"
-            base_meta = {k: v for k, v in p.meta.items() if k != "turns"}
+            # A conversation's later turns only make sense for a sequence, which rewrites them below.
+            base_meta = {k: v for k, v in p.meta.items() if k not in ("turns", "conversation")}
             mia = {"format": fmt, "source_prompt": p.id, "bucket": bucket}
             if fmt != "sequence" and has_box_coordinates(p):
                 tally.filter(f"box coordinates ({fmt})")
@@ -236,8 +237,15 @@ def augment(prompts: list[Prompt], base: Path, data_dir: Path, formats: list[str
                 images.insert(k - 1, img)
                 question = sequence_question(p.question, n, k)
                 meta = {**base_meta, "mia": {**mia, "target": k, "n_images": n, "refusal": False}}
-                if isinstance(p.meta.get("turns"), list):
-                    meta["turns"] = sequence_turns(p.meta["turns"], question, k)
+                for key in ("conversation", "turns"):  # the image lines go in front of the first question
+                    turns = p.meta.get(key)
+                    users = [t for t in turns if isinstance(t, dict) and t.get("role") == "user"] \
+                        if isinstance(turns, list) else []
+                    if users:
+                        first = sequence_question(str(users[0].get("text", "")), n, k)
+                        meta[key] = sequence_turns(turns, first, k)
+                        if key == "turns":  # the prompt asks its last user turn (what rollout answers)
+                            question = [t for t in meta[key] if t.get("role") == "user"][-1]["text"]
                 out.append(Prompt(id=f"{p.id}.seq", images=images, question=question, reference=p.reference,
                                   objects=p.objects, meta=meta))
                 counts[fmt] += 1

@@ -448,15 +448,27 @@ def test_llava_665k_conversations(tmp_path):
     assert res.exit_code == 0, out
     a, b = _prompts(run)
     assert (a.id, a.question, a.reference) == ("000000001", "What is in the picture?", "A red box.")
-    assert a.meta["turns"] == [{"role": "user", "text": "What is in the picture?"},
-                               {"role": "assistant", "text": "A red box."},
-                               {"role": "user", "text": "What colour is it?"}, {"role": "assistant", "text": "Red."}]
+    conversation = [{"role": "user", "text": "What is in the picture?"}, {"role": "assistant", "text": "A red box."},
+                    {"role": "user", "text": "What colour is it?"}, {"role": "assistant", "text": "Red."}]
+    assert a.meta["conversation"] == conversation and "turns" not in a.meta
     assert a.meta["bucket"] == "coco" and b.meta["bucket"] == "gqa"
     assert (b.id, b.question, b.meta["original_id"]) == ("000000001~2", "Is it sunny?", "000000001")
     s = _stage(run)["summary"]
     assert s["filtered"] == {"text-only": 1} and s["skipped"] == {"missing image": 1}
     assert s["renamed_duplicate_ids"] == 1
     assert f"{src}:" in s["examples"]["missing image"]
+    # --turns all: the prompt asks the last question after the earlier turns, as rollout answers it.
+    res, out = _prepare("llava-665k", "--from", src, "--images", tmp_path / "img", "--turns", "all",
+                        "--out", tmp_path / "all")
+    assert res.exit_code == 0, out
+    a = _prompts(tmp_path / "all")[0]
+    assert (a.question, a.reference, a.meta["turns"]) == ("What colour is it?", "Red.", conversation[:3])
+    from hallu.rollout import request_of
+
+    req = request_of(a)
+    assert list(req.history) == conversation[:2] and req.text == "What colour is it?"
+    res, out = _prepare("llava-665k", "--from", src, "--turns", "some", "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "--turns some: unknown" in out
 
 
 def test_llava_tag_count_mismatch_names_file_and_line(tmp_path):

@@ -216,3 +216,25 @@ def test_prepare_mia_bad_formats_and_missing_images(tmp_path, single_prompts):
     recs = read_records(tmp_path / "t" / "data" / "prompts.jsonl", Prompt)
     # gqa has one image left: no companion for it, so no gqa sequence; no refusal variants asked for.
     assert sorted(r.id for r in recs) == ["boxed.seq", "coco-0.seq", "coco-1.seq", "coco-2.seq", "coco-3.seq"]
+
+
+def test_sequence_of_a_multi_turn_prompt(tmp_path):
+    for i, c in enumerate((RED, GREEN, BLUE)):
+        _solid(c, (32, 32)).save(tmp_path / f"{i}.png")
+    turns = [{"role": "user", "text": "What is it?"}, {"role": "assistant", "text": "A square."},
+             {"role": "user", "text": "Which colour is it?"}]
+    prompts = [Prompt(id="t0", images=["0.png"], question="Which colour is it?", reference="Red.",
+                      meta={"turns": turns, "bucket": "b"}),
+               Prompt(id="t1", images=["1.png"], question="q", meta={"bucket": "b"}),
+               Prompt(id="t2", images=["2.png"], question="q", meta={"bucket": "b"})]
+    from hallu.data._importing import Tally
+
+    out, _ = mia.augment(prompts, tmp_path, tmp_path / "data", ["sequence", "grid"], seed=1, refusal_every=0,
+                         tally=Tally())
+    seq = next(p for p in out if p.id == "t0.seq")
+    n, k = seq.meta["mia"]["n_images"], seq.meta["mia"]["target"]
+    first, answer, last = seq.meta["turns"]
+    assert first["text"] == mia.sequence_question("What is it?", n, k) and first["text"].count("<image>") == n
+    assert answer == turns[1] and last["text"] == f"In image{k}, which colour is it?" == seq.question
+    grid = next(p for p in out if p.id == "t0.grid")
+    assert "turns" not in grid.meta  # a collage asks the single question only
