@@ -98,7 +98,9 @@ def resolve_model(spec: str | os.PathLike, *, trust_remote_code: bool = False, d
 def read_config(folder: Path, where: str) -> dict:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise HalluError(f"{where}: no config.json in {folder}, so this is not a model folder")
+        # A Hub id or an adapter's base names another folder than the one the user typed: say which.
+        at = "" if where.endswith(str(folder)) else f" in {folder}"
+        raise HalluError(f"{where}: no config.json{at}, so this is not a model folder")
     return _read_json_object(cfg_path)
 
 
