@@ -74,6 +74,7 @@ class Generation:
     tokens: int
     finished: bool  # ended with EOS (False: cut at max_new_tokens)
     logprobs: list[float] | None = None  # per kept token, from the raw logits (Decoding.logprobs)
+    token_ids: list[int] | None = None  # the kept tokens themselves
 
 
 @dataclass
@@ -701,7 +702,7 @@ class Engine:
             kept = [toks[k] for k in keep]
             text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
             lps = [picked[k_row][k] for k in keep] if picked is not None else None
-            out.append(Generation(row.request.id, row.sample, text, len(kept), finished, lps))
+            out.append(Generation(row.request.id, row.sample, text, len(kept), finished, lps, kept))
         return out
 
 
