@@ -60,6 +60,10 @@ def rollout(
         typer.Option("--corrupted-images",
                      help="MIA-DPO: answer grid / pic-in-pic prompts from their noisy copy (meta.mia.corrupted_image)."),
     ] = False,
+    turn: Annotated[
+        str, typer.Option("--turn", help="Multi-turn prompts: answer the last user turn (after the earlier ones) "
+                                         "or the first question (its reference's turn; MIA-DPO).")
+    ] = "last",
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch (each with its n samples).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed; each batch derives its own, so resumed runs match.")] = 0,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts.")] = None,
@@ -84,5 +88,6 @@ def rollout(
     opts.allow_outside_images = allow_outside_images
     opts.num_beams, opts.logprobs, opts.corrupted_images = num_beams, logprobs, corrupted_images
     opts.capture_attention, opts.attention_layer = capture_attention, attention_layer
+    opts.turn = turn
     result = run_rollout(Run(run), model, prompts, opts)
     note("rollout", f"{result['responses']} responses in {result['path']}")

@@ -7,7 +7,9 @@ exactly the file an uninterrupted one writes.
 Decoding is sampled (``n`` per prompt), greedy or beam search (``num_beams``; both one answer per
 prompt). A multi-image prompt places its images at its ``<image>`` tags. A multi-turn prompt
 (``meta["turns"]`` with several user turns) is answered at its last user turn, the earlier turns
-given as the conversation so far. On request each response also carries:
+given as the conversation so far (``meta["turn"]`` of the response: the index of the user turn
+answered); ``turn="first"`` answers the first question instead, the turn a prompt's ``question`` and
+``reference`` are (MIA-DPO builds its pairs from it). On request each response also carries:
 
 - ``logprobs``: the log-prob of each generated token under the model (raw logits, before temperature
   and top-p), one per ``meta["tokens"]``;
@@ -50,6 +52,7 @@ class RolloutOptions:
     capture_attention: bool = False
     attention_layer: int | None = None  # None: the middle decoder layer (16 of LLaVA-7B's 32, MIA-DPO's)
     corrupted_images: bool = False
+    turn: str = "last"  # which user turn of a multi-turn prompt to answer: last | first
 
     def recorded(self) -> dict:
         """The stage's options: sampling knobs and load options side by side in one flat dict (the keys
@@ -61,11 +64,13 @@ class RolloutOptions:
 
 
 _LATER_DEFAULTS = {"num_beams": 1, "logprobs": False, "capture_attention": False, "attention_layer": None,
-                   "corrupted_images": False}
+                   "corrupted_images": False, "turn": "last"}
+TURNS = ("last", "first")
 
 
-def request_of(p: Prompt, corrupted: bool = False):
-    """The engine request answering ``p``: its last user turn, after the earlier ones."""
+def request_of(p: Prompt, corrupted: bool = False, turn: str = "last"):
+    """The engine request answering ``p``: its last user turn after the earlier ones (``turn="last"``), or its
+    first question."""
     from hallu.engine import GenRequest
 
     images = list(p.images)
@@ -74,7 +79,7 @@ def request_of(p: Prompt, corrupted: bool = False):
         images = [mia["corrupted_image"]]
     turns = p.meta.get("turns")
     users = [i for i, t in enumerate(turns or []) if isinstance(t, dict) and t.get("role") == "user"]
-    if len(users) < 2:
+    if len(users) < 2 or turn == "first":
         return GenRequest(p.id, images, p.question)
     last = users[-1]
     history = [{"role": t["role"], "text": str(t.get("text", ""))} for t in turns[:last]]
@@ -113,6 +118,8 @@ def rollout(run: Run, model: str | Path, prompts_path: Path | None, opts: Rollou
     from hallu.models import check_model
 
     opts.load.validate()  # typos and a bad --chat-template fail before anything is read or written
+    if opts.turn not in TURNS:
+        raise HalluError(f"--turn {opts.turn}: expected one of {', '.join(TURNS)}")
     prompts_path = Path(prompts_path) if prompts_path else default_prompts(run)
     prompts = read_records(prompts_path, Prompt)
     if not prompts:
@@ -159,12 +166,15 @@ def rollout(run: Run, model: str | Path, prompts_path: Path | None, opts: Rollou
                                 temperature=opts.temperature, top_p=opts.top_p, n=opts.n,
                                 num_beams=opts.num_beams, logprobs=opts.logprobs,
                                 seed=batch_seed(opts.seed, index))
-            requests = [request_of(p, opts.corrupted_images) for p in batch]
+            requests = [request_of(p, opts.corrupted_images, opts.turn) for p in batch]
+            turn_of = {r.id: sum(t["role"] == "user" for t in r.history) for r in requests if r.history}
             gens = [g for chunk in engine.generate(requests, decoding) for g in chunk]
             extra = capture(engine, requests, gens, layer) if layer is not None else {}
             out = []
             for g in gens:
                 meta = {"tokens": g.tokens, "finished": g.finished, **extra.get((g.id, g.sample), {})}
+                if g.id in turn_of:
+                    meta["turn"] = turn_of[g.id]
                 out.append(Response(id=Response.make_id(g.id, g.sample), prompt_id=g.id, sample=g.sample,
                                     text=g.text, model=engine.fingerprint, logprobs=g.logprobs, meta=meta).to_dict())
             return out

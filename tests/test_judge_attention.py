@@ -122,6 +122,9 @@ def test_post_selection_and_pre_filters():
     assert _verdict(short_ref, _response())["meta"]["dropped"].startswith("reference of 600 chars >= ")
     plain = Prompt(id="p", images=["a.png"], question="q", reference="r")
     assert _verdict(plain, _response())["meta"]["dropped"].startswith("not a MIA-DPO prompt")
+    later = _response()
+    later.meta["turn"] = 2
+    assert _verdict(p, later)["meta"]["dropped"].startswith("the response answers user turn 2")
     refusal = _prompt(refusal=True, target=3)
     rev = _verdict(refusal, _response(image_shares=[0.5, 0.4]))
     assert rev["meta"]["role"] == "rejected" and rev["meta"]["rule"].startswith("refusal")

@@ -84,6 +84,14 @@ def test_multi_image_and_multi_turn_equal_the_model_run_by_hand(world, tmp_path)
     assert got["single#0"].text == by_hand(lm, [_user("Describe the image.", 1)], _images(root, "a.png"),
                                            max_new_tokens=8)
     assert all(r.logprobs is None and "attention" not in r.meta for r in got.values())
+    assert got["turns#0"].meta["turn"] == 1 and "turn" not in got["single#0"].meta
+    # --turn first: the first question, as a single-turn prompt
+    r = rollout(root, tmp_path / "first", "--greedy", "--max-new-tokens", 8, "--turn", "first")
+    assert r.exit_code == 0, r.output
+    first = responses(tmp_path / "first")["turns#0"]
+    assert first.text == by_hand(lm, [_user("Is there a dog?", 1)], _images(root, "a.png"), max_new_tokens=8)
+    assert "turn" not in first.meta and first.text != got["turns#0"].text
+    assert Run(tmp_path / "first").stage_record("rollout")["options"]["turn"] == "first"
 
 
 def test_beam_search_equals_generate_with_beams(world, tmp_path):
@@ -235,6 +243,7 @@ def test_bad_input_is_one_clear_line(world, tmp_path):
     root, _ = world
     _one_error_line(rollout(root, tmp_path / "r1", "--num-beams", 2, "--n", 2), "--num-beams 2", "--n 1")
     _one_error_line(rollout(root, tmp_path / "r2", "--num-beams", 2, "--logprobs"), "drop --logprobs")
+    _one_error_line(rollout(root, tmp_path / "r2b", "--turn", "middle"), "--turn middle", "last, first")
     r = rollout(root, tmp_path / "r3", "--greedy", "--capture-attention", "--attention-layer", 5)
     _one_error_line(r, "--attention-layer 5", "2 decoder layers")
     assert not (tmp_path / "r3" / "rollout" / "responses.jsonl").exists()

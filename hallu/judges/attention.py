@@ -6,7 +6,8 @@ per-image attention shares at one decoder layer, the single image's per-token ma
 response is taken as the *rejected* answer, the prompt's reference (MIA's ground truth) as the chosen
 one, when all hold:
 
-- it is non-empty and differs from the reference; the reference is shorter than
+- it answers the prompt's first turn (the reference's; MIA-DPO uses first turns only), is
+  non-empty and differs from the reference; the reference is shorter than
   ``max_reference_chars`` (512, the released pre-filter);
 - its attention on the image the question is about is low, ratio ``r`` below the layout's threshold:
   ``sequence``: the target image's mean per-token attention over the sum of every image's mean,
@@ -199,6 +200,9 @@ def judge_response(prompt, response, opts: dict) -> dict:
         return verdict("the prompt has no reference answer")
     if len(gt) >= opts["max_reference_chars"]:
         return verdict(f"reference of {len(gt)} chars >= max_reference_chars {opts['max_reference_chars']}")
+    if response.meta.get("turn"):
+        return verdict(f"the response answers user turn {response.meta['turn']}, the reference the first "
+                       "(run `hallu rollout --turn first`)")
     if not text:
         return verdict("empty response")
     if text == gt:
