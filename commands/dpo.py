@@ -19,6 +19,11 @@ def dpo(
         Path | None, typer.Option("--pairs", help="Preference pairs (JSONL); default: the run's revise output.")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/dpo).")] = None,
+    sft_data: Annotated[
+        Path | None,
+        typer.Option("--sft-data", help="SFT data for the auxiliary LM term (HA-DPO's gamma; pairs, prompts with "
+                                        "references or SFT records); default: the run's prepared prompts."),
+    ] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")] = None,
     lora: Annotated[bool, typer.Option("--lora/--full", help="Train a LoRA adapter (default) or every weight.")] = True,
     set_: Annotated[
@@ -60,7 +65,7 @@ def dpo(
     opts = DpoOptions(method=method, lora=lora, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                       save_steps=save_steps, logging_steps=logging_steps, seed=seed, dtype=dtype,
                       reference=reference, report_to=report_to, trust_remote_code=trust_remote_code,
-                      chat_template=chat_template, set_items=list(set_ or []))
+                      chat_template=chat_template, set_items=list(set_ or []), sft_data=sft_data)
     result = run_dpo(Run(run), model, pairs, out, opts,
                      warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True))
     from hallu.train.common import is_rank_zero

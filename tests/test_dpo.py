@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from hallu import tiny
@@ -108,16 +109,116 @@ def test_opa_dpo_logs_every_term_and_warns_without_the_opa_stage(world, tmp_path
     assert manifest["stages"]["dpo"]["options"]["method_options"]["position_wise"] is True
     refs = [json.loads(x) for x in (tmp_path / "run" / "dpo" / "reference_logps.jsonl").read_text().splitlines()]
     assert len(refs[1]["ref"]) == 5  # gt, original, revised, gt on the masked image, revised on the masked image
+    # §5.4: only the language model's LoRA trains in this stage (r256/α512, no vision tower, no projector)
+    from safetensors import safe_open
+
+    adapter = tmp_path / "run" / "dpo" / "adapter"
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("language_model" in k for k in keys)
+    assert not [k for k in keys if "vision_tower" in k or "multi_modal_projector" in k]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 256 and config["lora_alpha"] == 512
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_opa_dpo_full_finetuning_leaves_the_vision_tower_and_projector_alone(world, tmp_path):
+    r = _dpo(world, tmp_path / "run", "--method", "opa-dpo", "--full", "--max-steps", "1",
+             "--set", "warmup_steps=0", "--set", "learning_rate=1e-2")
+    assert r.exit_code == 0, r.output
+    before, after = _weights(world / "model"), _weights(tmp_path / "run" / "dpo" / "model")
+    vision = [k for k in before if "vision_tower" in k or "multi_modal_projector" in k]
+    language = [k for k in before if "language_model" in k and k.endswith("q_proj.weight")]
+    assert vision and language
+    for k in vision:
+        assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(before[k], after[k]) for k in language)
 
 
 def test_ha_dpo_full_finetuning_with_the_lm_term(world, tmp_path):
     r = _dpo(world, tmp_path / "run", "--method", "ha-dpo", "--full", "--max-steps", "1",
              "--set", "ha-dpo.pair_policy=all")
     assert r.exit_code == 0, r.output
+    # no --sft-data and no prepared prompts in this run: the LM term falls back to the chosen answers, and says so
+    assert "no SFT data for the LM term" in r.output
     log = _log(tmp_path / "run" / "dpo" / "log_history.jsonl")
     assert log[0]["loss"] == pytest.approx(log[0]["loss/dpo"] + 0.5 * log[0]["loss/lm"], rel=1e-5)
     assert (tmp_path / "run" / "dpo" / "model" / "config.json").exists()
     assert "16 pairs" in r.output  # "all": both variants of each of the 8 pairs
+
+
+def test_ha_dpo_lm_term_trains_on_the_sft_data(world, tmp_path):
+    """§2.4: each item carries a DPO pair plus an SFT sample; L_LM is the token-mean NLL of that sample."""
+    from PIL import Image
+
+    from hallu.models import load_model
+    from hallu.train import pair_forward as pf
+
+    sft = tmp_path / "sft.jsonl"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    sft.write_text(json.dumps({"id": "s0", "images": ["red.png"], "prompt": "What colour is the square?",
+                               "completion": "The square is red."}) + "\n")
+    r = _dpo(world, tmp_path / "run", "--method", "ha-dpo", "--max-steps", "1", "--sft-data", str(sft))
+    assert r.exit_code == 0, r.output
+    assert "no SFT data" not in r.output
+    log = _log(tmp_path / "run" / "dpo" / "log_history.jsonl")
+    # the only SFT sample, under the starting weights (a fresh LoRA changes nothing before its first step)
+    lm = load_model(world / "model", device="cpu", dtype="float32")
+    text = pf.render_prompt(lm.processor, "What colour is the square?", 1)
+    ids = pf.completion_ids(lm.processor, "What colour is the square?", 1, "The square is red.", text)
+    enc = pf.encode_prompts(lm.processor, [text], [[Image.open(tmp_path / "red.png").convert("RGB")]])
+    with torch.no_grad():
+        got = pf.continuation_logps(lm.model, enc, [[ids]], lm.processor.tokenizer.pad_token_id)
+    nll = -got.token_logps.sum().item() / len(ids)
+    assert log[0]["loss/lm"] == pytest.approx(nll, rel=1e-4)
+    assert log[0]["loss"] == pytest.approx(log[0]["loss/dpo"] + 0.5 * nll, rel=1e-4)
+    stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["dpo"]
+    assert stage["options"]["sft_data"] == str(sft.resolve())
+
+
+def test_ha_dpo_online_policy_draws_fresh_variants_each_epoch(world, tmp_path):
+    from hallu.train.dpo import Example, _OnlineVariants
+
+    views = [Example(f"p~{i}", [], "prompt", [[10 + i], [20 + i]], ref=[[-1.0 - i], [-2.0 - i]], variant_of="p",
+                     n_variants=(3, 3)) for i in range(3)]
+    data = _OnlineVariants(views, seed=42)
+    assert len(data) == 1
+    draws = set()
+    for epoch in range(6):
+        data.set_epoch(epoch)
+        item = data[0]
+        assert item == data[0]  # reproducible within an epoch
+        c, rj = item.answers[0][0] - 10, item.answers[1][0] - 20
+        assert item.ref == [[-1.0 - c], [-2.0 - rj]]  # each answer keeps its own reference log-probs
+        draws.add((c, rj))
+    assert len(draws) > 1  # a new draw per epoch
+    # end to end: one item per pair per epoch, every variant scored once by the reference pass
+    r = _dpo(world, tmp_path / "run", "--method", "ha-dpo", "--set", "ha-dpo.pair_policy=online",
+             "--set", "num_train_epochs=2", "--set", "ha-dpo.sft_weight=0")
+    assert r.exit_code == 0, r.output
+    assert "8 steps on 8 pairs" in r.output
+    refs = [json.loads(x) for x in (tmp_path / "run" / "dpo" / "reference_logps.jsonl").read_text().splitlines()]
+    assert sorted(x["id"] for x in refs[1:])[:2] == ["p0~0", "p0~1"] and len(refs) == 1 + 16
+
+
+def test_dpo_on_qwen2_vl_takes_the_plain_path(world, tmp_path):
+    tiny.build_tiny_model("qwen2-vl", tmp_path / "qwen", seed=0)
+    args = ["dpo", "--run", str(tmp_path / "run"), "--model", str(tmp_path / "qwen"), "--pairs",
+            str(world / "pairs.jsonl"), "--batch-size", "2", "--logging-steps", "1", "--max-steps", "2",
+            "--set", "learning_rate=1e-3"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    log = _log(tmp_path / "run" / "dpo" / "log_history.jsonl")
+    assert [row["step"] for row in log] == [1, 2]
+    assert log[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # the policy starts as the reference
+    refs = [json.loads(x) for x in (tmp_path / "run" / "dpo" / "reference_logps.jsonl").read_text().splitlines()]
+    assert len(refs) == 1 + 8 and all(len(x["ref"]) == 2 and x["ref"][0] for x in refs[1:])
+    assert (tmp_path / "run" / "dpo" / "adapter" / "adapter_config.json").exists()
 
 
 def test_ha_dpo_pair_policies():

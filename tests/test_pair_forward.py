@@ -146,3 +146,48 @@ def test_check_fits_names_the_fix():
                                          r"max_length=856"):
         pf.check_fits(600, 576, 512, "pairs.jsonl:3")
     pf.check_fits(600, 576, 1024, "x")
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pf-qwen2-vl")
+    tiny.build_tiny_model("qwen2-vl", root, seed=3)
+    loaded = load_model(root, device="cpu", dtype="float32")
+    loaded.model.eval()
+    return loaded
+
+
+def _full_sequence_logps(lm, text, ims, completion):
+    """Ground truth without pair_forward: one full forward of prompt + completion, log-softmax at each answer token."""
+    enc = lm.processor(text=[text], images=ims, return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    comp = torch.tensor([completion])
+    inputs = dict(enc)
+    inputs["input_ids"] = torch.cat([enc["input_ids"], comp], 1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in inputs:
+            inputs[key] = torch.cat([enc[key], torch.zeros_like(comp)], 1)
+    with torch.no_grad():
+        logits = lm.model(**inputs).logits[0]
+    logps = logits[n - 1 : n - 1 + len(completion)].log_softmax(-1)
+    return logps.gather(-1, comp[0][:, None])[:, 0]
+
+
+def test_plain_path_on_qwen2_vl_equals_full_forwards(qwen):
+    """Qwen2-VL (M-RoPE positions) takes the plain path: K right-padded rows per prompt, same numbers as one at a time."""
+    assert not pf.can_share_prompt(qwen.model)
+    prompts, images, comps = _batch(qwen)
+    pad = qwen.processor.tokenizer.pad_token_id
+    enc = pf.encode_prompts(qwen.processor, prompts, images, repeat=2)
+    with torch.no_grad():
+        got = pf.continuation_logps(qwen.model, enc, comps, pad)
+    with pytest.raises(ValueError, match="K times"):  # the shared layout is refused on this model
+        pf.continuation_logps(qwen.model, pf.encode_prompts(qwen.processor, prompts, images), comps, pad)
+    row = 0
+    for text, ims, cs in zip(prompts, images, comps):
+        for c in cs:
+            want = _full_sequence_logps(qwen, text, ims, c)
+            assert got.mask[row].sum().item() == len(c)
+            torch.testing.assert_close(got.token_logps[row, : len(c)], want, rtol=1e-4, atol=1e-5)
+            row += 1

@@ -40,6 +40,9 @@ class MethodSpec:
     config: dict[str, Any] = field(default_factory=dict)
     reference: str = "precomputed"  # "precomputed" (frozen start, stored with the data) or "adapter-off"
     recommended_start: str | None = None  # the stage whose output the method expects to start from
+    # False: the vision tower and projector stay frozen in this stage (the LoRA leaves them out, and
+    # --full freezes them too)
+    train_vision: bool = True
     source: str = ""  # where in specs/methods.md the defaults come from
 
 

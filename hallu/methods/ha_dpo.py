@@ -2,8 +2,10 @@
 
 Pairs may carry all rewrites of each side (``meta.chosen_variants`` / ``meta.rejected_variants``);
 ``pair_policy`` picks from them: ``offline`` one of each per pair, drawn once with seed 42 (the LLaVA
-release), ``all`` the i-th chosen with the i-th rejected (the paper's count). The LM term is the
-token-mean NLL of the chosen answer weighted by γ (MiniGPT-4's 0.5; the LLaVA-1.5 release uses 0).
+release), ``all`` the i-th chosen with the i-th rejected (the paper's count), ``online`` a fresh draw of
+one chosen and one rejected each epoch (the InstructBLIP / MiniGPT-4 dataset classes, §2.5). The LM term
+is the token-mean NLL of SFT samples (``--sft-data``, else the run's prepared prompts; the chosen answers
+only when there are none) weighted by γ (MiniGPT-4's 0.5; the LLaVA-1.5 release uses 0).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from hallu.errors import HalluError
 from hallu.methods import LoraSpec, MethodSpec
 
-PAIR_POLICIES = ("offline", "all")
+PAIR_POLICIES = ("offline", "all", "online")
 
 
 @dataclass
@@ -34,8 +36,18 @@ def expand_variants(pair: dict, policy: str, seed: int) -> list[tuple[str, str, 
     if policy == "offline":
         rng = random.Random(f"{seed}:{pair['id']}")
         return [("", rng.choice(chosen), rng.choice(rejected))]
+    if policy == "online":
+        # every variant once, so each gets reference log-probs; view i holds chosen i and rejected i (cycled)
+        n = max(len(chosen), len(rejected))
+        return [(f"~{i}", chosen[i % len(chosen)], rejected[i % len(rejected)]) for i in range(n)]
     n = min(len(chosen), len(rejected))
     return [(f"~{i}" if n > 1 else "", chosen[i], rejected[i]) for i in range(n)]
+
+
+def online_draw(pair_id: str, n_chosen: int, n_rejected: int, seed: int, epoch: int) -> tuple[int, int]:
+    """The (chosen, rejected) variant indices the ``online`` policy trains on in ``epoch``: reproducible per pair."""
+    rng = random.Random(f"{seed}:{pair_id}:{epoch}")
+    return rng.randrange(n_chosen), rng.randrange(n_rejected)
 
 
 SPEC = MethodSpec(

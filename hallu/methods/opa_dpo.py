@@ -5,6 +5,11 @@ A pair record is chosen = the GT answer, rejected = the model's original answer,
 per-sentence report: ``meta.sentences_original`` / ``meta.sentences_revised``, lists of
 ``{"text", "score" (1-4), "error_type"}``; a token takes the weight of the sentence it falls in.
 The reference is the starting model (the OPA model ``hallu sft --method opa-dpo`` makes), frozen.
+
+Only the language model trains in this stage (§5.4): the release keeps the OPA adapter's vision-tower and
+projector LoRA weights frozen and trains the LLM LoRA alone. Starting from the OPA model (its adapter
+merged), that is a fresh r256/α512 LoRA on the language model's linear layers; ``--full`` freezes the
+vision tower and projector.
 """
 
 from __future__ import annotations
@@ -83,7 +88,8 @@ SPEC = MethodSpec(
     summary="on-policy aligned DPO: weighted GT/revised vs original, image-masked pairs, anchor",
     loss="opa",
     options=Options,
-    lora=LoraSpec(r=256, alpha=512, dropout=0.0, target="all-linear", include_vision=True),
+    lora=LoraSpec(r=256, alpha=512, dropout=0.0, target="language", include_vision=False),
+    train_vision=False,
     config={"beta": 0.1, "learning_rate": 1e-6, "lr_scheduler_type": "cosine", "warmup_steps": 5,
             "weight_decay": 0.0, "max_grad_norm": 1.0, "num_train_epochs": 4},
     reference="precomputed",

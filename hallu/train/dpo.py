@@ -49,6 +49,7 @@ class DpoOptions:
     trust_remote_code: bool = False
     chat_template: str | None = None
     set_items: list[str] = field(default_factory=list)
+    sft_data: Path | None = None  # the LM term's data (HA-DPO, §2.4); None: the run's prepared prompts
 
 
 @dataclass
@@ -61,6 +62,9 @@ class Example:
     answers: list[list[int]]  # dpo: [chosen, rejected]; opa: [gt, original, revised]
     weights: dict[str, list[float]] = field(default_factory=dict)  # opa: score_w/img_w per answer
     ref: list[list[float]] | None = None  # per-token reference log-probs, one list per scored sequence
+    sft: Example | None = None  # the LM term's sample (one answer), when the method has SFT data
+    variant_of: str | None = None  # HA-DPO online: the pair this is a view of
+    n_variants: tuple[int, int] | None = None  # HA-DPO online: (chosen, rejected) variants of that pair
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,8 +116,14 @@ def load_pairs(path: Path, spec: MethodSpec, method_opts) -> list[tuple[Preferen
         if spec.name == "ha-dpo":
             from hallu.methods.ha_dpo import expand_variants
 
-            for suffix, c, r in expand_variants(p.to_dict(), method_opts.pair_policy, method_opts.seed):
-                out.append((dataclasses.replace(p, id=p.id + suffix, chosen=c, rejected=r), where))
+            d = p.to_dict()
+            views = expand_variants(d, method_opts.pair_policy, method_opts.seed)
+            for suffix, c, r in views:
+                meta = p.meta
+                if method_opts.pair_policy == "online":  # the dataset draws from these views each epoch
+                    counts = [len(p.meta.get(f"{k}_variants") or [None]) for k in ("chosen", "rejected")]
+                    meta = {**p.meta, "variant_of": p.id, "n_variants": counts}
+                out.append((dataclasses.replace(p, id=p.id + suffix, chosen=c, rejected=r, meta=meta), where))
         else:
             if spec.loss == "opa" and not isinstance(p.meta.get("revised"), str):
                 raise HalluError(f"{where}: pair {p.id!r} has no meta.revised answer, which opa-dpo needs")
@@ -146,11 +156,55 @@ def build_examples(pairs, base: Path, processor, spec: MethodSpec, method_opts, 
         for a in answers_text:
             a_ids = completion_ids(processor, pair.prompt, len(images), a, text)
             answers.append(a_ids[:room] if room is not None else a_ids)
-        ex = Example(pair.id, images, text, answers)
+        ex = Example(pair.id, images, text, answers, variant_of=pair.meta.get("variant_of"),
+                     n_variants=tuple(pair.meta["n_variants"]) if "n_variants" in pair.meta else None)
         if spec.loss == "opa":
             ex.weights = _opa_weights(tokenizer, processor, pair, text, answers, method_opts)
         examples.append(ex)
     return examples
+
+
+def attach_sft(examples: list[Example], sft_path: Path, processor, max_length: int | None, seed: int) -> int:
+    """Give every training example one SFT sample for the LM term, as HA-DPO's items carry one (§2.4).
+
+    The samples (T1's SFT reader: pairs' chosen answers, prompts with references, or SFT records) are
+    shuffled once with ``seed`` and dealt round-robin; returns how many there were.
+    """
+    import random
+
+    from hallu.train.pair_forward import check_fits, completion_ids, render_prompt
+    from hallu.train.sft import load_examples
+
+    if not sft_path.is_file():
+        raise HalluError(f"--sft-data {sft_path}: no such file")
+    samples = load_examples(sft_path)
+    random.Random(seed).shuffle(samples)
+    image_token_id = _image_token_id(processor)
+    built: dict[str, Example] = {}
+    for i, ex in enumerate(examples):
+        s = samples[i % len(samples)]
+        if s.id not in built:
+            text = render_prompt(processor, s.prompt, len(s.images))
+            pil = [load_image(im, f"{sft_path}: sample {s.id!r}") for im in s.images]
+            enc = processor(text=[text], images=pil) if pil else processor(text=[text])
+            ids = list(enc["input_ids"][0])
+            n_image = sum(1 for t in ids if t == image_token_id)
+            check_fits(len(ids), n_image, max_length, f"{sft_path}: sample {s.id!r}")
+            answer = completion_ids(processor, s.prompt, len(s.images), s.completion, text)
+            room = None if max_length is None else max_length - len(ids)
+            built[s.id] = Example(s.id, list(s.images), text, [answer[:room] if room is not None else answer])
+        ex.sft = built[s.id]
+    return len(samples)
+
+
+def sft_source(run, opts: DpoOptions) -> Path | None:
+    """The LM term's data: --sft-data, else the run's prepared prompts (their reference answers), else None."""
+    if opts.sft_data is not None:
+        return Path(opts.sft_data)
+    rec = run.stage_record("prepare") or {}
+    if rec.get("status") == "done" and "prompts" in rec.get("outputs", {}):
+        return run.resolve(rec["outputs"]["prompts"]["path"])
+    return None
 
 
 def _image_token_id(processor):
@@ -208,12 +262,20 @@ class _Batch:
         images = [[load_image(i) for i in ex.images] for ex in examples]
         self.enc = pf.encode_prompts(processor, [ex.prompt_text for ex in examples], images,
                                      repeat=1 if share else self.k)
+        self.sft_enc = None
+        if examples[0].sft is not None:
+            sft = [ex.sft for ex in examples]
+            self.sft_enc = pf.encode_prompts(processor, [x.prompt_text for x in sft],
+                                             [[load_image(i) for i in x.images] for x in sft])
         self.masked_pixels = None
         if spec.loss == "opa" and method_opts.image_coef and "pixel_values" in self.enc:
             self.masked_pixels = self._masked_pixels(self.enc["pixel_values"], share, self.k)
 
-    def sequences(self, model) -> dict[str, Any]:
-        """Per-token log-probs [B, T] and masks of every scored sequence, in ``Example.ref`` order."""
+    def sequences(self, model, with_sft: bool = False) -> dict[str, Any]:
+        """Per-token log-probs [B, T] and masks of every scored sequence, in ``Example.ref`` order.
+
+        ``with_sft``: also the LM term's samples, as ``sft_logps`` / ``sft_mask`` (no reference needed).
+        """
         import torch
 
         from hallu.train import pair_forward as pf
@@ -235,7 +297,12 @@ class _Batch:
             masks += [_rows(m.mask, 2, 0), _rows(m.mask, 2, 1)]
         width = max(t.shape[1] for t in seqs)  # one width for all, so token t lines up across sequences
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-        return {"logps": [pad(t) for t in seqs], "masks": [pad(t) for t in masks]}
+        out = {"logps": [pad(t) for t in seqs], "masks": [pad(t) for t in masks]}
+        if with_sft and self.sft_enc is not None:
+            s = pf.continuation_logps(model, _to_device(self.sft_enc, device, dtype),
+                                      [[ex.sft.answers[0]] for ex in self.examples], self.pad_id, share)
+            out["sft_logps"], out["sft_mask"] = s.token_logps, s.mask
+        return out
 
     def _masked_pixels(self, pixel_values, share: bool, k: int):
         """One masked draw per example, seeded by its id: the policy and reference passes see the same image."""
@@ -253,6 +320,11 @@ class _Batch:
             masked = mask_pixels(block, self.opts.mask_ratio, generator=g)
             chunks += [masked] * reps
         return torch.cat(chunks, 0)
+
+
+def _ref_identity(ex: Example) -> dict:
+    """What the reference log-probs of an example depend on (not its SFT sample)."""
+    return {k: v for k, v in dataclasses.asdict(ex).items() if k not in ("sft", "ref")}
 
 
 def _to_device(inputs: dict, device, dtype) -> dict:
@@ -330,8 +402,9 @@ def compute_loss(spec: MethodSpec, method_opts, beta: float, label_smoothing: fl
         term = losses.sigmoid_dpo(seq[0], seq[1], ref_seq[0], ref_seq[1], beta, label_smoothing)
         loss = term.loss
         gamma = getattr(method_opts, "sft_weight", 0.0)
-        if gamma:
-            lm = losses.lm_loss(lp[0], mk[0])
+        if gamma:  # on the SFT samples when there are any, else on the chosen answers (§2.4)
+            lm = (losses.lm_loss(policy["sft_logps"], policy["sft_mask"]) if "sft_logps" in policy
+                  else losses.lm_loss(lp[0], mk[0]))
             metrics["loss/lm"] = lm.item()
             metrics["loss/dpo"] = term.loss.item()
             loss = loss + gamma * lm
@@ -361,7 +434,7 @@ def _trainer_class():
 
             batch = inputs["batch"]
             examples = batch.examples
-            policy = batch.sequences(model)
+            policy = batch.sequences(model, with_sft=True)
             device = policy["masks"][0].device
             if self.reference == "adapter-off":
                 unwrapped = self.accelerator.unwrap_model(model)
@@ -403,6 +476,38 @@ class _ListDataset:
 
     def __getitem__(self, i):
         return self.items[i]
+
+
+class _OnlineVariants:
+    """HA-DPO's ``online`` policy: one item per pair, its chosen and rejected variants drawn afresh each epoch.
+
+    Every variant was scored by the reference pass (as a view); an item takes the drawn chosen from its
+    view and the drawn rejected from its view, answers and reference log-probs alike.
+    """
+
+    def __init__(self, examples: list[Example], seed: int):
+        self.seed, self.epoch = seed, 0
+        self.groups: dict[str, list[Example]] = {}
+        for ex in examples:
+            self.groups.setdefault(ex.variant_of or ex.id, []).append(ex)
+        self.ids = list(self.groups)
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer's data loader calls this at each epoch's start
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        from hallu.methods.ha_dpo import online_draw
+
+        gid = self.ids[i]
+        views = self.groups[gid]
+        n_c, n_r = views[0].n_variants or (1, 1)
+        ci, ri = online_draw(gid, n_c, n_r, self.seed, self.epoch)
+        c, r = views[ci], views[ri]
+        ref = None if c.ref is None else [c.ref[0], r.ref[1]]
+        return dataclasses.replace(c, id=f"{gid}~c{ci}r{ri}", answers=[c.answers[0], r.answers[1]], ref=ref)
 
 
 class _Collator:
@@ -501,18 +606,32 @@ def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opt
     model_obj, processor = common.load_for_training(model, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
                                                     chat_template=opts.chat_template)
     examples = build_examples(pairs, pairs_path.parent, processor, spec, method_opts, args.max_length)
+    sft_path = None
+    if getattr(method_opts, "sft_weight", 0.0):
+        sft_path = sft_source(run, opts)
+        if sft_path is None:
+            warn(f"{spec.name}: no SFT data for the LM term (pass --sft-data FILE, or run `hallu prepare`); "
+                 "it trains on the chosen answers instead")
+        else:
+            attach_sft(examples, sft_path, processor, args.max_length, opts.seed)
+    elif opts.sft_data is not None:
+        warn(f"--sft-data {opts.sft_data} is unused: {spec.name}.sft_weight is 0 (set it with "
+             f"--set {spec.name}.sft_weight=0.5)")
 
     manifest_opts = {k: v for k, v in dataclasses.asdict(opts).items() if k != "trust_remote_code"}
     manifest_opts.update(model=str(Path(model).resolve()), pairs=str(pairs_path.resolve()), out=str(out_dir.resolve()),
-                         reference=reference, method_options=dataclasses.asdict(method_opts), config=overrides)
+                         reference=reference, method_options=dataclasses.asdict(method_opts), config=overrides,
+                         sft_data=str(sft_path.resolve()) if sft_path else None)
     final = common.final_dir(out_dir, opts.lora)
     log_path = out_dir / "log_history.jsonl"
-    with common.training_stage(run, "dpo", manifest_opts, {"pairs": pairs_path, "model": model}, out_dir) as ts:
+    inputs = {"pairs": pairs_path, "model": model, **({"sft_data": sft_path} if sft_path else {})}
+    with common.training_stage(run, "dpo", manifest_opts, inputs, out_dir) as ts:
         if reference == "precomputed":
             from hallu.manifest import dir_fingerprint
             from hallu.fileio import digest_json
 
-            key = digest_json({"model": dir_fingerprint(Path(model)), "examples": [dataclasses.asdict(e) for e in examples],
+            key = digest_json({"model": dir_fingerprint(Path(model)),
+                               "examples": [_ref_identity(e) for e in examples],
                                "method": dataclasses.asdict(method_opts)})
             out_dir.mkdir(parents=True, exist_ok=True)
             reference_logps(model_obj, processor, examples, spec, method_opts, out_dir / "reference_logps.jsonl",
@@ -526,8 +645,12 @@ def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opt
             lc = spec.lora
             model_obj = get_peft_model(model_obj, common.lora_config(lc.r, lc.alpha, lc.dropout, lc.target,
                                                                      lc.include_vision))
+        elif not spec.train_vision:
+            freeze_vision(model_obj)
+        online = spec.name == "ha-dpo" and method_opts.pair_policy == "online"
+        dataset = _OnlineVariants(examples, method_opts.seed) if online else _ListDataset(examples)
         trainer = _trainer_class()(
-            model=model_obj, args=args, train_dataset=_ListDataset(examples),
+            model=model_obj, args=args, train_dataset=dataset,
             data_collator=_Collator(processor, pf_share, spec, method_opts),
             callbacks=[common.LogHistoryCallback(log_path), *callbacks], spec=spec, method_opts=method_opts,
             reference=reference, processor_obj=processor,
@@ -546,7 +669,22 @@ def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opt
             ts.output("adapter" if opts.lora else "model", final)
             if log_path.exists():
                 ts.output("log_history", log_path)
-    return {"final": final, "pairs": len(examples), **ts.extra}
+    return {"final": final, "pairs": len(dataset), **ts.extra}
+
+
+def freeze_vision(model) -> int:
+    """requires_grad off for the vision tower and projector (methods that train the language model only)."""
+    import re
+
+    from hallu.train.common import VISION_MODULES
+
+    pattern = re.compile(VISION_MODULES)
+    frozen = 0
+    for name, param in model.named_parameters():
+        if pattern.fullmatch(name):
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
 
 
 def _stage_state(run, name: str) -> str | None:
