@@ -393,17 +393,21 @@ class TrainingStage:
         """The checkpoint to resume from (rank 0 decides, every rank gets it), recorded as ``resumed_from``.
 
         When the options or inputs changed since the last attempt, its checkpoints are set aside as
-        ``checkpoints.previous`` instead of resumed (never deleted: a typo must not cost a run).
+        ``checkpoints.previous-N`` (a new N each time) instead of resumed, and a line says so: never
+        deleted, a typo must not cost a run.
         """
+        import sys
+
         from hallu import distributed
+        from hallu.fileio import set_aside
 
         choice: Path | None = None
         if distributed.is_main():
             ckpts = checkpoints_dir(self.out_dir)
             if self.stage.fresh and last_checkpoint(ckpts) is not None:
-                aside = ckpts.with_name("checkpoints.previous")
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(ckpts, aside)
+                aside = set_aside(ckpts)
+                print(f"note: {ckpts} was made with other options or inputs; kept it as {aside.name}",
+                      file=sys.stderr, flush=True)
             choice = last_checkpoint(self.out_dir)
         shared = distributed.share(None if choice is None else str(choice), what="rank 0's resume checkpoint")
         choice = None if shared is None else Path(shared)
