@@ -122,3 +122,49 @@ def test_bad_options_are_one_clear_error(clip_dir, tmp_path):
         J.check({**J.OPTIONS, "clip_model": str(clip_dir), "gap": -1.0})
     with pytest.raises(HalluError, match=r"--option max_tokens=0"):
         J.check({**J.OPTIONS, "clip_model": str(clip_dir), "max_tokens": 0})
+
+
+def test_revise_stage_builds_clip_dpo_pairs_from_a_tiny_rollout(clip_dir, tmp_path):
+    """prepare shapes -> tiny LLaVA rollout (4 samples) -> revise --judge clip: the pair of each prompt is its
+    best- and worst-scored sample, with the judge's numbers; a rerun resumes to the same file."""
+    from typer.testing import CliRunner
+
+    from hallu.commands import app
+    from hallu.records import PreferencePair, read_records
+
+    runner = CliRunner()
+    run, model = tmp_path / "run", tmp_path / "model"
+    for args in (["prepare", "shapes", "--out", run, "--images", 3, "--seed", 2],
+                 ["prepare", "tiny-model", "--family", "llava", "--out", model],
+                 ["rollout", "--run", run, "--model", model, "--n", 4, "--max-new-tokens", 8, "--limit", 4]):
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["revise", "--run", str(run), "--judge", "clip", "--option", f"clip_model={clip_dir}",
+                            "--option", "gap=0.5"])
+    assert r.exit_code == 0, r.output
+    revs = read_records(run / "revise" / "revisions.jsonl", Revision)
+    pairs = read_records(run / "revise" / "pairs.jsonl", PreferencePair)
+    responses = read_records(run / "rollout" / "responses.jsonl", Response)
+    assert [v.id for v in revs] == [r.id for r in responses] and len(revs) >= 8
+    by_prompt: dict = {}
+    for rev in revs:
+        by_prompt.setdefault(rev.response_id.split("#")[0], []).append(rev)
+    expected = 0
+    for pid, group in by_prompt.items():
+        scored = [v for v in group if v.meta["score"] is not None]
+        best = max(scored, key=lambda v: (v.meta["score"], -int(v.id.split("#")[1])))
+        worst = min(scored, key=lambda v: (v.meta["score"], -int(v.id.split("#")[1])))
+        if best.meta["score"] - worst.meta["score"] >= 0.5:
+            expected += 1
+            pair = next(p for p in pairs if p.meta["prompt_id"] == pid)
+            assert (pair.meta["chosen_response"], pair.meta["rejected_response"]) == (best.id, worst.id)
+            assert pair.chosen == best.text and pair.rejected == worst.text
+            assert pair.meta["chosen_judge"]["clip"]["gap"] == 0.5
+    assert len(pairs) == expected >= 1
+    before = (run / "revise" / "revisions.jsonl").read_bytes()
+    r = runner.invoke(app, ["revise", "--run", str(run), "--judge", "clip", "--option", f"clip_model={clip_dir}",
+                            "--option", "gap=0.5"])
+    assert r.exit_code == 0, r.output
+    assert (run / "revise" / "revisions.jsonl").read_bytes() == before
+    r = runner.invoke(app, ["revise", "--run", str(run), "--judge", "clip"])
+    assert r.exit_code == 2 and "no CLIP model given" in r.output and "Traceback" not in r.output
