@@ -206,9 +206,15 @@ def test_ha_dpo_online_policy_draws_fresh_variants_each_epoch(world, tmp_path):
     assert sorted(x["id"] for x in refs[1:])[:2] == ["p0~0", "p0~1"] and len(refs) == 1 + 16
 
 
-def test_dpo_on_qwen2_vl_takes_the_plain_path(world, tmp_path):
-    tiny.build_tiny_model("qwen2-vl", tmp_path / "qwen", seed=0)
-    args = ["dpo", "--run", str(tmp_path / "run"), "--model", str(tmp_path / "qwen"), "--pairs",
+@pytest.fixture(scope="module")
+def qwen_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo-qwen") / "qwen"
+    tiny.build_tiny_model("qwen2-vl", root, seed=0)
+    return root
+
+
+def test_dpo_on_qwen2_vl_takes_the_plain_path(world, qwen_model, tmp_path):
+    args = ["dpo", "--run", str(tmp_path / "run"), "--model", str(qwen_model), "--pairs",
             str(world / "pairs.jsonl"), "--batch-size", "2", "--logging-steps", "1", "--max-steps", "2",
             "--set", "learning_rate=1e-3"]
     r = CliRunner().invoke(app, args)
@@ -269,6 +275,13 @@ def test_bad_input_gets_one_line(world, tmp_path):
     _one_line_error(r, "bad.jsonl:1", "2 <image> tags but 1 images")
     for name in "abcdefg":
         assert not (tmp_path / name / "dpo").exists()  # nothing half-written
+
+
+def test_opa_dpo_masked_image_on_patch_pixels_is_refused(world, qwen_model, tmp_path):
+    r = CliRunner().invoke(app, ["dpo", "--run", str(tmp_path / "run"), "--model", str(qwen_model), "--pairs",
+                                 str(world / "pairs.jsonl"), "--method", "opa-dpo"])
+    _one_line_error(r, "pairs.jsonl:1", "flattened patches", "opa-dpo.image_coef=0")
+    assert not (tmp_path / "run" / "dpo").exists()
 
 
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_at_the_same_step(world, tmp_path):

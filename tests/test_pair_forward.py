@@ -148,10 +148,11 @@ def test_check_fits_names_the_fix():
     pf.check_fits(600, 576, 1024, "x")
 
 
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pf-qwen2-vl")
-    tiny.build_tiny_model("qwen2-vl", root, seed=3)
+@pytest.fixture(scope="module", params=["qwen2-vl", "instructblip"])
+def qwen(request, tmp_path_factory):
+    """The models that take the plain path: Qwen2-VL (M-RoPE) and InstructBLIP (text-dependent Q-Former)."""
+    root = tmp_path_factory.mktemp("pf-" + request.param)
+    tiny.build_tiny_model(request.param, root, seed=3)
     loaded = load_model(root, device="cpu", dtype="float32")
     loaded.model.eval()
     return loaded
@@ -174,8 +175,8 @@ def _full_sequence_logps(lm, text, ims, completion):
     return logps.gather(-1, comp[0][:, None])[:, 0]
 
 
-def test_plain_path_on_qwen2_vl_equals_full_forwards(qwen):
-    """Qwen2-VL (M-RoPE positions) takes the plain path: K right-padded rows per prompt, same numbers as one at a time."""
+def test_plain_path_equals_full_forwards(qwen):
+    """K right-padded rows per prompt give the same numbers as one full forward per answer."""
     assert not pf.can_share_prompt(qwen.model)
     prompts, images, comps = _batch(qwen)
     pad = qwen.processor.tokenizer.pad_token_id

@@ -148,6 +148,10 @@ def build_examples(pairs, base: Path, processor, spec: MethodSpec, method_opts, 
             raise HalluError(f"{where}: pair {pair.id!r}: the rendered prompt has no image placeholder for "
                              f"its {len(pil)} image(s)")
         check_fits(len(ids), n_image, max_length, f"{where}: pair {pair.id!r}")
+        if spec.loss == "opa" and method_opts.image_coef and pil and _patch_pixels(enc):
+            raise HalluError(f"{where}: opa-dpo draws a masked image from [..., C, H, W] pixels, but this model's "
+                             "processor gives flattened patches; set --set opa-dpo.image_coef=0 (no image-focus "
+                             "pairs and no anchor) or use a LLaVA-family model")
         room = None if max_length is None else max_length - len(ids)
         answers_text = [pair.chosen, pair.rejected]
         if spec.loss == "opa":
@@ -205,6 +209,11 @@ def sft_source(run, opts: DpoOptions) -> Path | None:
     if rec.get("status") == "done" and "prompts" in rec.get("outputs", {}):
         return run.resolve(rec["outputs"]["prompts"]["path"])
     return None
+
+
+def _patch_pixels(enc) -> bool:
+    pv = enc.get("pixel_values")
+    return pv is not None and len(getattr(pv, "shape", ())) < 4 and not isinstance(pv, list)
 
 
 def _image_token_id(processor):
@@ -612,8 +621,17 @@ def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opt
         if sft_path is None:
             warn(f"{spec.name}: no SFT data for the LM term (pass --sft-data FILE, or run `hallu prepare`); "
                  "it trains on the chosen answers instead")
-        else:
+        elif opts.sft_data is not None:
             attach_sft(examples, sft_path, processor, args.max_length, opts.seed)
+        else:  # the run's prepared prompts: usable only if they carry reference answers
+            try:
+                attach_sft(examples, sft_path, processor, args.max_length, opts.seed)
+            except HalluError as e:
+                warn(f"{spec.name}: the run's prepared prompts cannot feed the LM term ({e}); it trains on the "
+                     "chosen answers instead (pass --sft-data FILE)")
+                sft_path = None
+                for ex in examples:
+                    ex.sft = None
     elif opts.sft_data is not None:
         warn(f"--sft-data {opts.sft_data} is unused: {spec.name}.sft_weight is 0 (set it with "
              f"--set {spec.name}.sft_weight=0.5)")
