@@ -36,7 +36,8 @@ def demo(
         prepare.tiny_model(family="llava", out=model, seed=seed)
 
     err_console.rule("rollout")
-    result = rollout(Run(out, flag="--out"), model, None, RolloutOptions(n=n, max_new_tokens=32, batch_size=16, seed=seed))
+    opts = RolloutOptions(n=n, max_new_tokens=32, batch_size=16, seed=seed)
+    result = rollout(Run(out, flag="--out"), model, None, opts)
     note("rollout", f"{result['responses']} responses in {result['path']}")
     status.status(run=out)
 
