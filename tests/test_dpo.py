@@ -280,7 +280,11 @@ def test_bad_input_gets_one_line(world, tmp_path):
 def test_opa_dpo_masked_image_on_patch_pixels_is_refused(world, qwen_model, tmp_path):
     r = CliRunner().invoke(app, ["dpo", "--run", str(tmp_path / "run"), "--model", str(qwen_model), "--pairs",
                                  str(world / "pairs.jsonl"), "--method", "opa-dpo"])
-    _one_line_error(r, "pairs.jsonl:1", "flattened patches", "opa-dpo.image_coef=0")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    lines = [x for x in r.output.splitlines() if x.strip() and not x.startswith("warning:")]  # the no-OPA-stage one
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    for needle in ("pairs.jsonl:1", "flattened patches", "opa-dpo.image_coef=0"):
+        assert needle in lines[0]
     assert not (tmp_path / "run" / "dpo").exists()
 
 
