@@ -267,3 +267,22 @@ def test_bad_input_is_one_clear_line(world, tmp_path):
     r = runner.invoke(app, ["rollout", "--run", str(tmp_path / "r6"), "--model", str(root / "model"), "--prompts",
                             str(missing), "--corrupted-images"])
     _one_error_line(r, "prompt (corrupted image) 'm'", "nope.png", "not found")
+
+
+def test_two_ranks_record_the_same_bytes_as_one_process(world, tmp_path):
+    """--nproc 2 (gloo ranks) with log-probs and attention capture: the merged output is one process's."""
+    import os
+    import subprocess
+    import sys
+
+    root, _ = world
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    args = ["--n", 2, "--max-new-tokens", 6, "--logprobs", "--capture-attention", "--batch-size", 1]
+    assert rollout(root, tmp_path / "one", *args).exit_code == 0
+    cmd = [sys.executable, "-m", "hallu", "rollout", "--run", str(tmp_path / "two"), "--model", str(root / "model"),
+           "--prompts", str(root / "prompts.jsonl"), *map(str, args), "--nproc", "2"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    one = (tmp_path / "one" / "rollout" / "responses.jsonl").read_bytes()
+    assert (tmp_path / "two" / "rollout" / "responses.jsonl").read_bytes() == one
+    assert b'"attention"' in one and b'"logprobs": [' in one
