@@ -58,7 +58,8 @@ def rollout(
     corrupted_images: Annotated[
         bool,
         typer.Option("--corrupted-images",
-                     help="MIA-DPO: answer grid / pic-in-pic prompts from their noisy copy (meta.mia.corrupted_image)."),
+                     help="MIA-DPO: answer grid / pic-in-pic prompts from their noisy copy "
+                          "(meta.mia.corrupted_image)."),
     ] = False,
     turn: Annotated[
         str, typer.Option("--turn", help="Multi-turn prompts: answer the last user turn (after the earlier ones) "
