@@ -56,18 +56,10 @@ def iter_records(path: str | os.PathLike, chunk: int = _CHUNK) -> Iterator[tuple
     so memory stays near one record plus one chunk whatever the file's size. ``line`` is where the
     element starts. A file that is one JSON object is one record.
     """
-    from hallu.fileio import iter_jsonl
+    from hallu.fileio import iter_jsonl, open_text
 
     path = Path(path)
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise HalluError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise HalluError(f"{path}: is a directory, expected a JSON or JSONL file") from None
-    except OSError as e:
-        raise HalluError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
+    with open_text(path, "JSON or JSONL") as f:
         try:
             head = f.read(4096)
         except UnicodeDecodeError:

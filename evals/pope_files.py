@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hallu.errors import HalluError
-from hallu.fileio import digest_json
+from hallu.fileio import digest_json, read_text
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,7 @@ def _id_key(value: Any) -> str | None:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise HalluError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise HalluError(f"{path}: is a directory, expected a JSON or JSONL file") from None
-    except UnicodeDecodeError:
-        raise HalluError(f"{path}: not UTF-8 text") from None
-    except OSError as e:
-        raise HalluError(f"{path}: cannot read ({e.strerror})") from None
+    return read_text(path, "JSON or JSONL")
 
 
 def _records(path: Path, what: str) -> list[tuple[str, Any]]:

@@ -116,16 +116,31 @@ def digest_json(obj: Any) -> str:
     return sha256_bytes(canon.encode("utf-8"))
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def open_text(path: str | os.PathLike, expected: str = "JSON"):
+    """Open a UTF-8 text file for reading; a missing, folder or unreadable path is one line naming it."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return open(path, encoding="utf-8")
     except FileNotFoundError:
         raise HalluError(f"{path}: file not found") from None
     except IsADirectoryError:
-        raise HalluError(f"{path}: is a directory, expected a JSON file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise HalluError(f"{path}: cannot read ({e})") from None
+        raise HalluError(f"{path}: is a directory, expected a {expected} file") from None
+    except OSError as e:
+        raise HalluError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_text(path: str | os.PathLike, expected: str = "JSON") -> str:
+    """The whole of a UTF-8 text file, with :func:`open_text`'s errors (and one for bytes that are not UTF-8)."""
+    with open_text(path, expected) as f:
+        try:
+            return f.read()
+        except UnicodeDecodeError:
+            raise HalluError(f"{path}: not UTF-8 text") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    text = read_text(path, "JSON")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -135,15 +150,7 @@ def read_json(path: str | os.PathLike) -> Any:
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, value)`` for every non-blank line; a bad line raises with ``file:line``."""
     path = Path(path)
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise HalluError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise HalluError(f"{path}: is a directory, expected a JSONL file") from None
-    except OSError as e:
-        raise HalluError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
+    with open_text(path, "JSONL") as f:
         lineno = 0
         try:
             for lineno, line in enumerate(f, 1):  # noqa: B007 - lineno is used after a decode error
@@ -165,14 +172,7 @@ def read_json_or_jsonl(path: str | os.PathLike) -> tuple[str, Any]:
     ``("json", record)``: callers that take records should accept a lone dict as one record.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise HalluError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise HalluError(f"{path}: is a directory, expected a JSON or JSONL file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise HalluError(f"{path}: cannot read ({e})") from None
+    text = read_text(path, "JSON or JSONL")
     try:
         return "json", json.loads(text)
     except json.JSONDecodeError:
