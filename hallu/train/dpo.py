@@ -10,7 +10,11 @@ field is settable with ``--set``); the forward and the loss are ours:
   data before training, stored beside the output (``reference_logps.jsonl``: no second model in memory,
   reused by a resumed run), or from the same weights with the LoRA adapter disabled (``adapter-off``);
 * the loss is the method's (``hallu.train.losses``), logged like TRL (loss, rewards/*, logps/*, each extra
-  term by name) into ``OUT/log_history.jsonl``.
+  term by name) into ``OUT/log_history.jsonl``;
+* the processor work (images, pixel values, token ids) happens in the data collator, so a training step
+  is the model's forward, backward and optimizer step only;
+* HA-DPO's LM term trains on SFT samples dealt one per pair (``--sft-data``, else the run's prepared
+  prompts with references), and its ``online`` policy redraws the style variants each epoch.
 
 The reference pass uses this module's own forward rather than ``Engine.score`` so the policy and the
 reference numbers come from the very same computation: at step 0 every reward is exactly 0.
@@ -259,7 +263,8 @@ class _Batch:
     only for the model.
     """
 
-    def __init__(self, examples: list[Example], processor, share: bool, spec: MethodSpec, method_opts):
+    def __init__(self, examples: list[Example], processor, share: bool, spec: MethodSpec, method_opts,
+                 with_sft: bool = True):
         from hallu.train import pair_forward as pf
 
         self.examples = examples
@@ -272,7 +277,7 @@ class _Batch:
         self.enc = pf.encode_prompts(processor, [ex.prompt_text for ex in examples], images,
                                      repeat=1 if share else self.k)
         self.sft_enc = None
-        if examples[0].sft is not None:
+        if with_sft and examples[0].sft is not None:  # the reference pass needs no SFT samples
             sft = [ex.sft for ex in examples]
             self.sft_enc = pf.encode_prompts(processor, [x.prompt_text for x in sft],
                                              [[load_image(i) for i in x.images] for x in sft])
@@ -558,7 +563,8 @@ def reference_logps(model, processor, examples: list[Example], spec, method_opts
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start : start + batch_size]
-                seqs = _Batch(chunk, processor, can_share_prompt(model), spec, method_opts).sequences(model)
+                seqs = _Batch(chunk, processor, can_share_prompt(model), spec, method_opts,
+                              with_sft=False).sequences(model)
                 for i, ex in enumerate(chunk):
                     ex.ref = [seqs["logps"][j][i][: int(seqs["masks"][j][i].sum())].tolist()
                               for j in range(len(seqs["logps"]))]

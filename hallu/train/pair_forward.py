@@ -154,9 +154,10 @@ def _shared(model, prompt_inputs: dict, cont_ids, cont_mask, k: int) -> Continua
     expected = torch.arange(prompt_mask.shape[1], device=lengths.device)[None] < lengths[:, None]
     if not torch.equal(prompt_mask.bool(), expected):
         raise ValueError("prompts must be right padded")
-    out = model(**prompt_inputs, use_cache=True)
-    rows = torch.arange(len(lengths), device=lengths.device)
-    first = out.logits[rows, lengths - 1]  # predicts completion token 0
+    # only the last real prompt token's logits are needed (they predict completion token 0): projecting the
+    # whole prompt (hundreds of image tokens) onto the vocabulary would cost B x L x V for nothing
+    out = model(**prompt_inputs, use_cache=True, logits_to_keep=(lengths - 1)[:, None])
+    first = out.logits[:, 0]
     first_logps = _gather(first.repeat_interleave(k, 0), cont_ids[:, 0])
     if cont_ids.shape[1] == 1:
         token_logps = first_logps[:, None]
