@@ -538,33 +538,47 @@ class _Collator:
 # Reference log-probs
 
 
+def load_reference_cache(cache: Path, key: str, examples: list[Example]) -> bool:
+    """Fill ``ex.ref`` from a stored reference pass made for this model, data and method; False if there is none."""
+    from hallu.fileio import iter_jsonl
+
+    if not cache.exists():
+        return False
+    rows = {}
+    try:
+        for _, obj in iter_jsonl(cache):
+            rows[obj["id"]] = obj
+    except HalluError:
+        return False
+    if rows.get("__key__", {}).get("key") != key or not all(ex.id in rows for ex in examples):
+        return False
+    for ex in examples:
+        ex.ref = rows[ex.id]["ref"]
+    return True
+
+
 def reference_logps(model, processor, examples: list[Example], spec, method_opts, cache: Path, key: str,
-                    batch_size: int) -> None:
-    """Fill ``ex.ref`` from the frozen model, once per data set; stored in ``cache`` (keyed) for reruns."""
+                    batch_size: int, share: bool | None = None) -> None:
+    """Fill ``ex.ref`` from the frozen model, once per data set; stored in ``cache`` (keyed) for reruns.
+
+    Under ZeRO-3 every rank runs every batch (the partitioned weights are gathered layer by layer, a
+    collective each rank must join); rank 0 writes the file.
+    """
     import torch
 
-    from hallu.fileio import atomic_write_jsonl, iter_jsonl
+    from hallu.fileio import atomic_write_jsonl
     from hallu.train.pair_forward import can_share_prompt
 
-    if cache.exists():
-        rows = {}
-        try:
-            for _, obj in iter_jsonl(cache):
-                rows[obj["id"]] = obj
-        except HalluError:
-            rows = {}
-        if rows.get("__key__", {}).get("key") == key and all(ex.id in rows for ex in examples):
-            for ex in examples:
-                ex.ref = rows[ex.id]["ref"]
-            return
+    if load_reference_cache(cache, key, examples):
+        return
+    share = can_share_prompt(model) if share is None else share
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start : start + batch_size]
-                seqs = _Batch(chunk, processor, can_share_prompt(model), spec, method_opts,
-                              with_sft=False).sequences(model)
+                seqs = _Batch(chunk, processor, share, spec, method_opts, with_sft=False).sequences(model)
                 for i, ex in enumerate(chunk):
                     ex.ref = [seqs["logps"][j][i][: int(seqs["masks"][j][i].sum())].tolist()
                               for j in range(len(seqs["logps"]))]
@@ -650,6 +664,7 @@ def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opt
     log_path = out_dir / "log_history.jsonl"
     inputs = {"pairs": pairs_path, "model": model, **({"sft_data": sft_path} if sft_path else {})}
     with common.training_stage(run, "dpo", manifest_opts, inputs, out_dir) as ts:
+        ref_job = None
         if reference == "precomputed":
             from hallu.manifest import dir_fingerprint
             from hallu.fileio import digest_json
@@ -658,8 +673,10 @@ def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opt
                                "examples": [_ref_identity(e) for e in examples],
                                "method": dataclasses.asdict(method_opts)})
             out_dir.mkdir(parents=True, exist_ok=True)
-            reference_logps(model_obj, processor, examples, spec, method_opts, out_dir / "reference_logps.jsonl",
-                            key, opts.batch_size)
+            ref_job = (out_dir / "reference_logps.jsonl", key)
+            if not _zero3():
+                reference_logps(model_obj, processor, examples, spec, method_opts, *ref_job, opts.batch_size)
+                ref_job = None
         from hallu.train.pair_forward import can_share_prompt
 
         pf_share = can_share_prompt(model_obj)
@@ -681,6 +698,9 @@ def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opt
         )
         from hallu.train.sft import _manifest_progress, _save_final, _use_rich_progress
 
+        if reference == "precomputed" and ref_job is not None:
+            trainer.add_callback(_deferred_reference(trainer, processor, examples, spec, method_opts, ref_job,
+                                                     opts.batch_size, opts.lora, pf_share))
         trainer.add_callback(_manifest_progress(ts))
         _use_rich_progress(trainer)
         resume = ts.resume_checkpoint()
@@ -694,6 +714,43 @@ def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opt
             if log_path.exists():
                 ts.output("log_history", log_path)
     return {"final": final, "pairs": len(dataset), **ts.extra}
+
+
+def _zero3() -> bool:
+    """ZeRO-3 is configured: from_pretrained has partitioned the weights, so a bare forward cannot run yet."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def _deferred_reference(trainer, processor, examples, spec, method_opts, job, batch_size: int, lora: bool,
+                        share: bool):
+    """The reference pass under ZeRO-3: at train begin, through the DeepSpeed engine (which gathers each
+    layer's shards for its forward), before the first batch is drawn.
+
+    LoRA: with the adapter disabled, which is the frozen start even in a resumed run. Full fine-tuning: a
+    resumed run has trained weights by then, so it needs the stored pass of its first run.
+    """
+    import contextlib
+
+    from transformers import TrainerCallback
+
+    cache, key = job
+
+    class DeferredReference(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if load_reference_cache(cache, key, examples):
+                return
+            if not lora and state.global_step > 0:
+                raise HalluError(f"{cache}: missing or stale, and this resumed full fine-tuning run no longer "
+                                 "holds its starting weights; delete the output folder's checkpoints to start over")
+            wrapped = trainer.model_wrapped
+            unwrapped = trainer.accelerator.unwrap_model(wrapped)
+            ctx = unwrapped.disable_adapter() if lora else contextlib.nullcontext()
+            with ctx:
+                reference_logps(wrapped, processor, examples, spec, method_opts, cache, key, batch_size, share)
+
+    return DeferredReference()
 
 
 def freeze_vision(model) -> int:
