@@ -25,6 +25,13 @@ On a CPU shared with other jobs, wall time swings by 2-3x from step to step; the
 the process's CPU time with one thread, which counts the work done and not the waiting.
 
     python benchmarks/dpo_speed.py [--warmup 3] [--steps 10] [--batch-size 4] [--threads 1] [--clock auto]
+
+Measured on the shared 2-core CPU machine (torch 2.13 CPU, transformers 5.24, trl 1.16), defaults, two
+runs at load average 2.4-3.6: logps agree to 8e-8 relative in both modes; time per pair (CPU clock) full
+0.27 / 0.22 and LoRA 0.42 / 0.35 of TRL's (wall clock the same within 0.01); peak memory full 0.40 / 0.43
+and LoRA 0.48 / 0.50. Where the time goes: TRL runs the vision tower and the 269-token prompt twice per
+pair with gradients, plus a third time in its reference forward; hallu runs them once, projects only the
+last prompt token onto the vocabulary, and its reference pass happens before training.
 """
 
 from __future__ import annotations
