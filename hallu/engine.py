@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hallu.errors import HalluError
-from hallu.records import IMAGE_TAG, assistant_message, load_image, resolve_image, user_content, user_messages
+from hallu.records import assistant_message, conversation_messages, load_image, resolve_image, user_messages
 
 # Model types whose text positions are plain 1-D and whose image features depend on the image alone.
 PREFIX_SHARING_TYPES = frozenset({"llava", "llava_next"})
@@ -225,20 +225,7 @@ class Engine:
         """The conversation up to the turn to answer, as typed messages (images where they belong)."""
         if not request.history:
             return user_messages(request.text, len(request.images))
-        turns = [*request.history, {"role": "user", "text": request.text}]
-        tagged = sum(t["text"].count(IMAGE_TAG) for t in turns if t["role"] == "user")
-        if tagged and tagged != len(request.images):
-            raise HalluError(f"request {request.id}: {tagged} {IMAGE_TAG} tags over the user turns but "
-                             f"{len(request.images)} images")
-        out, first_user = [], True
-        for t in turns:
-            if t["role"] == "user":
-                n = len(request.images) if (first_user and not tagged) else 0
-                out.append({"role": "user", "content": user_content(t["text"], n)})
-                first_user = False
-            else:
-                out.append(assistant_message(t["text"]))
-        return out
+        return conversation_messages(request.history, request.text, len(request.images), f"request {request.id}")
 
     def _images(self, request: GenRequest) -> list:
         out = []

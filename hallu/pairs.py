@@ -7,9 +7,19 @@
   there is none), rejected = the original, ``meta.revised`` = the revised answer, ``meta.gt``, and
   the judge's per-sentence report as ``meta.sentences_original`` / ``meta.sentences_revised``
   (``{text, score, error_type}``), from which OPA-DPO's token weights come.
-- ``clip-dpo`` / ``mia-dpo``: the judge ranked the K samples of a prompt; the response it marked
+- ``clip-dpo``: the judge ranked the K samples of a prompt; the response it marked
   ``meta.role == "chosen"`` ≻ the one marked ``"rejected"``, with the judge's scores and thresholds
   copied into the pair.
+- ``mia-dpo``: the attention judge marks the responses it selects ``meta.role == "rejected"``,
+  ``meta.chosen == "reference"``: chosen = the prompt's reference (MIA's ground truth), rejected = the
+  response. One pair per prompt, as MIA-DPO's generator makes one answer per prompt: of several
+  selected samples the judge's top-ranked (``meta.rank``). Then the data-set-wide post-selection the
+  judge cannot do batch by batch: the ``drop_top_perplexity`` fraction of the pairs with the highest
+  perplexity go (specs/methods.md §4.5). The ratio, threshold, perplexity and layout ride in ``meta``.
+
+A response to a later turn of a multi-turn prompt (``meta.turn`` > 0) gives a pair whose ``prompt``
+is that turn, the turns before it in ``meta.history`` (``[{role, text}]``) and its index in
+``meta.turn``; the prompt's reference answers the first turn, so it is no ground truth for such a pair.
 
 A response the judge found nothing wrong with gives no revised≻original pair (the two sides would be
 equal); an empty revision neither. Those are counted in the returned ``skipped`` reasons.
@@ -24,7 +34,7 @@ from hallu.errors import HalluError
 from hallu.records import PreferencePair, Prompt, Response, Revision
 
 METHODS = ("dpo", "ha-dpo", "opa-dpo", "clip-dpo", "mia-dpo")
-RANKED = ("clip-dpo", "mia-dpo")
+RANKED = ("clip-dpo", "mia-dpo")  # pairs from a judge's ranking of the K samples
 # The method a judge's output is meant for, when --method is not given.
 DEFAULT_METHOD = {"annotations": "dpo", "openai": "opa-dpo", "clip": "clip-dpo", "attention": "mia-dpo"}
 
@@ -48,6 +58,8 @@ def build_pairs(method: str, prompts: dict[str, Prompt], responses: list[Respons
     images = image_paths or {}
     skipped: Counter = Counter()
     pairs: list[PreferencePair] = []
+    if method == "mia-dpo":
+        return _mia_pairs(prompts, responses, revisions, by_response, images, options)
     if method in RANKED:
         groups: dict[str, dict[str, list[tuple[Revision, Response]]]] = {}
         for rev in revisions:
@@ -67,7 +79,7 @@ def build_pairs(method: str, prompts: dict[str, Prompt], responses: list[Respons
             meta = {"method": method, "judge": c_rev.judge, "prompt_id": pid,
                     "chosen_response": c_resp.id, "rejected_response": r_resp.id,
                     "chosen_judge": _public(c_rev.meta), "rejected_judge": _public(r_rev.meta)}
-            pairs.append(_pair(pid, prompt, images, c_rev.text or c_resp.text, r_resp.text, meta))
+            pairs.append(_pair(pid, prompt, images, c_rev.text or c_resp.text, r_resp.text, meta, r_resp))
         return pairs, skipped
 
     for rev in revisions:
@@ -85,13 +97,14 @@ def build_pairs(method: str, prompts: dict[str, Prompt], responses: list[Respons
         meta = {"method": method, "judge": rev.judge, "prompt_version": rev.prompt_version,
                 "prompt_id": prompt.id, "response_id": resp.id, "model": resp.model}
         if method == "opa-dpo":
-            gt = (prompt.reference or "").strip() or None
+            # The reference answers the first turn: no ground truth for a later turn's answer.
+            gt = None if _turn(resp) else (prompt.reference or "").strip() or None
             meta.update(revised=revised, gt=gt, original=resp.text,
                         sentences_original=_sentence_weights(rev.meta.get("sentences_original"), rev.sentences,
                                                              "text"),
                         sentences_revised=_sentence_weights(rev.meta.get("sentences_revised"), rev.sentences,
                                                             "revised"))
-            pairs.append(_pair(resp.id, prompt, images, gt or revised, resp.text, meta))
+            pairs.append(_pair(resp.id, prompt, images, gt or revised, resp.text, meta, resp))
             continue
         if revised == resp.text.strip():
             skipped["judge found nothing to correct"] += 1
@@ -103,8 +116,69 @@ def build_pairs(method: str, prompts: dict[str, Prompt], responses: list[Respons
         for key in ("hallucinated", "removed_objects"):
             if key in rev.meta:
                 meta[key] = rev.meta[key]
-        pairs.append(_pair(resp.id, prompt, images, revised, resp.text, meta))
+        pairs.append(_pair(resp.id, prompt, images, revised, resp.text, meta, resp))
     return pairs, skipped
+
+
+def _mia_pairs(prompts: dict[str, Prompt], responses: list[Response], revisions: list[Revision],
+               by_response: dict[str, Response], images: dict[str, list[str]], options: dict
+               ) -> tuple[list[PreferencePair], Counter]:
+    from hallu.judges.attention import drop_top_perplexity
+
+    fraction = options.get("drop_top_perplexity", 0.0)
+    skipped: Counter = Counter()
+    selected: dict[str, list[tuple[Revision, Response]]] = {}
+    for rev in revisions:
+        resp = by_response.get(rev.response_id)
+        if resp is None:
+            raise HalluError(f"revision {rev.id!r}: response {rev.response_id!r} is not in the responses")
+        if rev.meta.get("role") == "rejected" and rev.meta.get("chosen") == "reference":
+            selected.setdefault(resp.prompt_id, []).append((rev, resp))
+    kept: list[tuple[Revision, Response]] = []
+    for pid in dict.fromkeys(r.prompt_id for r in responses):
+        if pid not in selected:
+            skipped["the attention judge selected no response of the prompt"] += 1
+            continue
+        kept.append(_best(selected[pid]))
+        skipped["a lower-ranked selected sample of the same prompt"] += len(selected[pid]) - 1
+    dropped = drop_top_perplexity([rev for rev, _ in kept], fraction)
+    pairs = []
+    for rev, resp in kept:
+        if rev.id in dropped:
+            skipped[f"perplexity in the top {fraction:g} of the pairs (drop_top_perplexity)"] += 1
+            continue
+        prompt = prompts[resp.prompt_id]
+        gt = (prompt.reference or "").strip() or rev.text.strip()
+        meta = {"method": "mia-dpo", "judge": rev.judge, "prompt_version": rev.prompt_version,
+                "prompt_id": prompt.id, "response_id": resp.id, "model": resp.model, "gt": gt,
+                **{k: rev.meta[k] for k in MIA_META if k in rev.meta}}
+        pairs.append(_pair(prompt.id, prompt, images, gt, resp.text, meta, resp))
+    return pairs, +skipped  # + drops zero counts
+
+
+# What of the attention judge's verdict a MIA-DPO pair keeps (auditable: the numbers and the rules).
+MIA_META = ("format", "ratio", "threshold", "rule", "layer", "perplexity", "length_ratio", "edit_distance", "rank")
+
+
+def _turn(resp: Response) -> int:
+    turn = resp.meta.get("turn") or 0
+    return turn if isinstance(turn, int) and not isinstance(turn, bool) else 0
+
+
+def _question(prompt: Prompt, resp: Response | None) -> tuple[str, list[dict]]:
+    """(the user turn ``resp`` answered, the turns before it): a later turn's (``meta.turn``, the index of
+    the user turn, as rollout records it) from ``prompt.meta.turns``, else the prompt's question."""
+    turn = _turn(resp) if resp is not None else 0
+    if not turn:
+        return prompt.question, []
+    turns = prompt.meta.get("turns") or []
+    users = [i for i, t in enumerate(turns) if isinstance(t, dict) and t.get("role") == "user"]
+    if turn >= len(users):
+        raise HalluError(f"response {resp.id!r}: answers user turn {turn}, but prompt {prompt.id!r} has "
+                         f"{len(users)} user turns in meta.turns")
+    at = users[turn]
+    history = [{"role": t["role"], "text": str(t.get("text", ""))} for t in turns[:at]]
+    return str(turns[at].get("text", "")), history
 
 
 def _best(entries: list[tuple[Revision, Response]]) -> tuple[Revision, Response]:
@@ -130,8 +204,12 @@ def _sentence_weights(given, sentences: list[dict], text_key: str) -> list[dict]
 
 
 def _pair(pid: str, prompt: Prompt, images: dict[str, list[str]], chosen: str, rejected: str,
-          meta: dict) -> PreferencePair:
-    return PreferencePair(id=pid, images=list(images.get(prompt.id, prompt.images)), prompt=prompt.question,
+          meta: dict, resp: Response | None = None) -> PreferencePair:
+    """A pair asking the turn ``resp`` answered (its rejected side's response)."""
+    question, history = _question(prompt, resp)
+    if history:
+        meta = {**meta, "turn": _turn(resp), "history": history}
+    return PreferencePair(id=pid, images=list(images.get(prompt.id, prompt.images)), prompt=question,
                           chosen=chosen, rejected=rejected, meta=meta)
 
 

@@ -160,7 +160,8 @@ class PreferencePair(Record):
     meta: dict = _field("dict", {})
 
     def validate(self, where: str) -> None:
-        _check_image_tags(self.prompt, self.images, where, "prompt")
+        # A later turn's pair: the images may be tagged in the earlier turns (meta.history) instead.
+        _check_image_tags(" ".join([*history_user_texts(self.meta), self.prompt]), self.images, where, "prompt")
 
 
 @dataclass
@@ -381,12 +382,38 @@ def assistant_message(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
+def history_user_texts(meta: dict) -> list[str]:
+    """The user turns' texts of a pair's ``meta.history`` (the turns before the one answered)."""
+    history = meta.get("history") if isinstance(meta, dict) else None
+    return [str(t.get("text", "")) for t in history or [] if isinstance(t, dict) and t.get("role") == "user"]
+
+
+def conversation_messages(history: Iterable[dict], text: str, n_images: int, where: str = "") -> list[dict]:
+    """Earlier turns ({role, text}) then the user turn ``text``, as typed messages. Images sit at the
+    ``<image>`` tags of the user turns, else all in the first user turn (as rollout asked them)."""
+    turns = [*history, {"role": "user", "text": text}]
+    tagged = sum(t["text"].count(IMAGE_TAG) for t in turns if t["role"] == "user")
+    if tagged and tagged != n_images:
+        raise HalluError(f"{where}: {tagged} {IMAGE_TAG} tags over the user turns but {n_images} images")
+    out, first_user = [], True
+    for t in turns:
+        if t["role"] == "user":
+            out.append({"role": "user", "content": user_content(t["text"], n_images if first_user and not tagged
+                                                                 else 0)})
+            first_user = False
+        else:
+            out.append(assistant_message(t["text"]))
+    return out
+
+
 def pair_to_trl(pair: PreferencePair, base: str | os.PathLike = ".") -> dict:
-    """A pair in TRL's conversational vision-preference format (images as resolved paths)."""
+    """A pair in TRL's conversational vision-preference format (images as resolved paths); a later
+    turn's pair (``meta.history``) has the earlier turns in its prompt messages."""
     return {
         "id": pair.id,
         "images": [str(resolve_image(i, base)) for i in pair.images],
-        "prompt": user_messages(pair.prompt, len(pair.images)),
+        "prompt": conversation_messages(pair.meta.get("history") or [], pair.prompt, len(pair.images),
+                                        f"pair {pair.id!r}"),
         "chosen": [assistant_message(pair.chosen)],
         "rejected": [assistant_message(pair.rejected)],
     }

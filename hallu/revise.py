@@ -161,7 +161,7 @@ def revise(run: Run, opts: ReviseOptions, responses_path: Path | None = None,
         revisions = read_records(out, Revision)
         kept = {r.id for g in groups for r in g.responses}
         pairs, why = P.build_pairs(method, prompts, [r for r in responses if r.id in kept], revisions,
-                                   image_paths=image_paths)
+                                   recorded, image_paths=image_paths)
         skipped.update(why)
         pairs_path = st.dir / "pairs.jsonl"
         from hallu.records import write_records

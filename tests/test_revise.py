@@ -7,10 +7,11 @@ import pytest
 from typer.testing import CliRunner
 
 from hallu.commands import app
+from hallu.errors import HalluError
 from hallu.manifest import Run
 from hallu.methods import opa_dpo
 from hallu.objects import node_words
-from hallu.records import PreferencePair, Prompt, Response, Revision, read_records
+from hallu.records import PreferencePair, Prompt, Response, Revision, read_records, write_records
 
 runner = CliRunner()
 
@@ -390,3 +391,144 @@ def test_opa_pairs_load_in_the_dpo_trainer(world, tmp_path):
     loaded = load_pairs(run / "revise" / "pairs.jsonl", spec, spec.options())
     assert len(loaded) == 2 * len(prompts)
     assert all(p.meta["revised"] and p.meta["gt"] == p.chosen for p, _ in loaded)
+
+
+# --------------------------------------------------------------------------------------------------
+# MIA-DPO pairs: chosen = the reference, rejected = the attention judge's selected response
+
+
+def _mia_revision(rid, *, rank=None, ppl=2.0, ratio=0.2, selected=True, reference="The reference."):
+    meta = {"role": "rejected", "chosen": "reference", "dropped": None, "rank": rank, "perplexity": ppl,
+            "ratio": ratio, "threshold": 0.8, "rule": "r <= 0.8", "format": "sequence", "layer": 1,
+            "length_ratio": 1.0, "edit_distance": 0.5} if selected else {"role": None, "dropped": "attention ratio"}
+    return Revision(id=rid, response_id=rid, text=reference if selected else "kept text", judge="attention",
+                    prompt_version="attention-v1", meta=meta)
+
+
+def _mia_world():
+    prompts = {pid: Prompt(id=pid, images=[f"/img/{pid}.png"], question=f"What is in {pid}?",
+                           reference=f"Reference of {pid}.") for pid in ("p", "q", "r", "s")}
+    resps = [Response(id=f"{pid}#{k}", prompt_id=pid, sample=k, text=f"{pid} wrong answer {k}", model="m")
+             for pid, n in (("p", 3), ("q", 1), ("r", 1), ("s", 1)) for k in range(n)]
+    revs = [_mia_revision("p#0", rank=2, ppl=3.0, ratio=0.3, reference="Reference of p."),
+            _mia_revision("p#1", rank=1, ppl=2.0, ratio=0.1, reference="Reference of p."),
+            _mia_revision("p#2", selected=False),
+            _mia_revision("q#0", rank=1, ppl=9.0, reference="Reference of q."),
+            _mia_revision("r#0", selected=False),
+            _mia_revision("s#0", rank=1, ppl=5.0, reference="Reference of s.")]
+    return prompts, resps, revs
+
+
+def test_mia_pairs_prefer_the_reference_over_the_top_ranked_selected_response():
+    from hallu.pairs import build_pairs
+
+    prompts, resps, revs = _mia_world()
+    pairs, skipped = build_pairs("mia-dpo", prompts, resps, revs)
+    assert [(p.id, p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        ("p", "What is in p?", "Reference of p.", "p wrong answer 1"),  # rank 1 of the two selected
+        ("q", "What is in q?", "Reference of q.", "q wrong answer 0"),
+        ("s", "What is in s?", "Reference of s.", "s wrong answer 0")]
+    assert pairs[0].images == ["/img/p.png"]
+    meta = pairs[0].meta
+    assert (meta["method"], meta["response_id"], meta["gt"], meta["ratio"], meta["perplexity"], meta["format"],
+            meta["rank"]) == ("mia-dpo", "p#1", "Reference of p.", 0.1, 2.0, "sequence", 1)
+    assert "role" not in meta and "history" not in meta
+    assert skipped == {"the attention judge selected no response of the prompt": 1,
+                       "a lower-ranked selected sample of the same prompt": 1}
+
+
+def test_mia_drop_top_perplexity_removes_the_most_perplexed_pairs():
+    from hallu.pairs import build_pairs
+
+    prompts, resps, revs = _mia_world()
+    # three pairs (perplexities 2, 9, 5); p#0's 3.0 is not a pair, so it does not count
+    pairs, skipped = build_pairs("mia-dpo", prompts, resps, revs, {"drop_top_perplexity": 0.34})
+    assert [p.id for p in pairs] == ["p", "s"]  # floor(3 * 0.34) = 1: q (9.0) goes
+    assert skipped["perplexity in the top 0.34 of the pairs (drop_top_perplexity)"] == 1
+    pairs, _ = build_pairs("mia-dpo", prompts, resps, revs, {"drop_top_perplexity": 0.67})
+    assert [p.id for p in pairs] == ["p"]  # floor(2.01) = 2: q (9.0) and s (5.0)
+    pairs, _ = build_pairs("mia-dpo", prompts, resps, revs, {"drop_top_perplexity": 0.33})
+    assert [p.id for p in pairs] == ["p", "q", "s"]  # floor(0.99) = 0
+
+
+def _mia_inputs(world, tmp_path):
+    """Two-image MIA sequence prompts (target image 1) from the shapes world, and one response each whose
+    attention on the target is low (ratio 0.2, selected) or high (0.9, not), with perplexities 2..."""
+    shapes = read_records(world / "data" / "prompts.jsonl", Prompt)[:4]
+    prompts, rows = [], []
+    for k, p in enumerate(shapes):
+        images = [str((world / "data" / q.images[0]).resolve()) for q in (p, shapes[k - 1])]
+        prompts.append(Prompt(id=p.id, images=images, question="Describe image 1.", reference=p.reference,
+                              meta={"mia": {"format": "sequence", "target": 1, "n_images": 2}}))
+        shares = [0.1, 0.4] if k != 2 else [0.45, 0.05]
+        rows.append(Response(id=f"{p.id}#0", prompt_id=p.id, sample=0, text=f"Two dogs and a kite number {k}.",
+                             model="m", meta={"attention": {"layer": 1, "image_tokens": [16, 16],
+                                                            "image_shares": shares, "text_share": 0.5},
+                                              "perplexity": 2.0 + k}))
+    write_records(tmp_path / "mia_prompts.jsonl", prompts)
+    write_records(tmp_path / "mia_responses.jsonl", rows)
+    return prompts
+
+
+def test_revise_attention_judge_builds_mia_pairs_and_drops_by_perplexity(world, tmp_path):
+    prompts = _mia_inputs(world, tmp_path)
+    run = _run(world, tmp_path)
+    args = ("revise", "--run", run, "--responses", tmp_path / "mia_responses.jsonl", "--prompts",
+            tmp_path / "mia_prompts.jsonl", "--judge", "attention")
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    pairs = read_records(run / "revise" / "pairs.jsonl", PreferencePair)
+    # prompt 2 looked at its target image (0.45/16 of 0.5/16: ratio 0.9 > 0.8): no pair
+    assert [p.id for p in pairs] == [prompts[k].id for k in (0, 1, 3)]
+    for pair, k in zip(pairs, (0, 1, 3), strict=True):
+        assert (pair.chosen, pair.rejected) == (prompts[k].reference, f"Two dogs and a kite number {k}.")
+        assert pair.meta["ratio"] == pytest.approx(0.2) and pair.meta["perplexity"] == 2.0 + k
+        assert pair.images == prompts[k].images and pair.prompt == "Describe image 1."
+    assert Run(run).read()["stages"]["revise"]["outputs"]["pairs"]["method"] == "mia-dpo"
+    # the fraction is a judge option, recorded with the stage: changing it rebuilds
+    r = cli(*args, "--option", "drop_top_perplexity=0.5")
+    assert r.exit_code == 0, r.output
+    assert [p.id for p in read_records(run / "revise" / "pairs.jsonl", PreferencePair)] == [
+        prompts[0].id, prompts[1].id]  # floor(3 * 0.5) = 1: the perplexity-5 pair goes
+    assert_one_error_line(cli(*args, "--option", "drop_top_perplexity=1.0"), "drop_top_perplexity=1.0",
+                          "[0, 1)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-turn: a later turn's answer is paired on that turn, the earlier turns in meta.history
+
+TURNS = [{"role": "user", "text": "<image> What animal is this?"}, {"role": "assistant", "text": "A cat."},
+         {"role": "user", "text": "What colour is it?"}]
+
+
+def test_a_later_turns_pair_asks_that_turn_and_carries_the_history():
+    from hallu.pairs import build_pairs
+    from hallu.records import pair_to_trl
+
+    prompt = Prompt(id="m", images=["/img/m.png"], question="<image> What animal is this?", reference="A cat.",
+                    meta={"turns": TURNS})
+    resps = [Response(id="m#0", prompt_id="m", sample=0, text="It is black and has a hat.", model="x",
+                      meta={"turn": 1}),
+             Response(id="m#1", prompt_id="m", sample=1, text="A cat with a hat.", model="x")]
+    revs = [Revision(id="m#0", response_id="m#0", text="It is black.", judge="annotations"),
+            Revision(id="m#1", response_id="m#1", text="A cat.", judge="annotations")]
+    pairs, _ = build_pairs("dpo", {"m": prompt}, resps, revs)
+    later, first = pairs
+    assert (later.prompt, later.chosen, later.rejected) == ("What colour is it?", "It is black.",
+                                                           "It is black and has a hat.")
+    assert later.meta["turn"] == 1 and later.meta["history"] == TURNS[:2]
+    assert first.prompt == prompt.question and "history" not in first.meta
+    # the image is tagged in the first turn: the pair validates and reloads; TRL's prompt holds the conversation
+    back = PreferencePair.from_dict(json.loads(json.dumps(later.to_dict())), "test")
+    assert back.meta["history"] == TURNS[:2]
+    msgs = pair_to_trl(back)["prompt"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+    assert msgs[0]["content"] == [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]
+    assert msgs[2]["content"] == [{"type": "text", "text": "What colour is it?"}]
+    # OPA: the reference answers the first turn, so the later turn's chosen is the revision, gt None
+    opa, _ = build_pairs("opa-dpo", {"m": prompt}, resps, revs)
+    assert (opa[0].chosen, opa[0].meta["gt"], opa[1].chosen) == ("It is black.", None, "A cat.")
+    # a turn the prompt does not have names the response
+    resps[0].meta["turn"] = 3
+    with pytest.raises(HalluError, match=r"response 'm#0': answers user turn 3, but prompt 'm' has 2 user turns"):
+        build_pairs("dpo", {"m": prompt}, resps, revs)

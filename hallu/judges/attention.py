@@ -45,6 +45,9 @@ OPTIONS: dict = {
     "min_length_ratio": 0.2,
     "max_length_ratio": 5.0,
     "min_edit_distance": 0.1,
+    # The pair builder's data-set-wide post-selection: drop this fraction of the pairs, the highest
+    # perplexities (the spec's "top x %", x unpublished: off by default).
+    "drop_top_perplexity": 0.0,
 }
 GRID_SHAPES = {2: (1, 2), 3: (1, 3), 4: (2, 2), 6: (2, 3), 9: (3, 3)}  # as hallu.data.mia lays them out
 PIP_CENTRE = 16 / 24  # MIA's central 16x16 of LLaVA's 24x24 map
@@ -76,6 +79,8 @@ def check(options: dict) -> None:
     for key in ("min_perplexity", "min_length_ratio", "max_length_ratio"):
         if not _number(opts[key]) or opts[key] < 0:
             raise HalluError(f"--option {key}={opts[key]}: expected a non-negative number")
+    if not _number(opts["drop_top_perplexity"]) or not 0 <= opts["drop_top_perplexity"] < 1:
+        raise HalluError(f"--option drop_top_perplexity={opts['drop_top_perplexity']}: expected a fraction in [0, 1)")
     if opts["min_length_ratio"] > opts["max_length_ratio"]:
         raise HalluError(f"--option min_length_ratio={opts['min_length_ratio']} is above max_length_ratio="
                          f"{opts['max_length_ratio']}")
