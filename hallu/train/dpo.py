@@ -472,9 +472,15 @@ def _trainer_class():
             return (loss, {}) if return_outputs else loss
 
         def log(self, logs, *args, **kwargs):
-            if "loss" in logs:  # a training log: add the averages since the last one, as TRL does
-                for k, vs in self._metric_sums.items():
-                    logs[k] = sum(vs) / len(vs)
+            if "loss" in logs and self._metric_sums:  # a training log: the averages since the last one, as TRL does
+                import torch
+
+                keys = sorted(self._metric_sums)  # every rank logs the same terms, in this order
+                means = torch.tensor([sum(self._metric_sums[k]) / len(self._metric_sums[k]) for k in keys],
+                                     dtype=torch.float64, device=self.accelerator.device)
+                if self.accelerator.num_processes > 1:  # every rank calls log at the same step
+                    means = self.accelerator.reduce(means, reduction="mean")
+                logs.update({k: float(v) for k, v in zip(keys, means.tolist())})
                 self._metric_sums = {}
             return super().log(logs, *args, **kwargs)
 
