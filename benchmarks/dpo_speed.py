@@ -212,8 +212,8 @@ def scored_tokens(root: Path, native: bool) -> dict:
     trl = {}
     for j, key in enumerate(("chosen", "rejected")):
         ids, am, cm = b["input_ids"][j], b["attention_mask"][j], b["completion_mask"][j]
-        trl["prompt"] = names([i for i, a, c in zip(ids, am, cm) if a and not c])
-        trl[key] = names([i for i, c in zip(ids, cm) if c])
+        trl["prompt"] = names([i for i, a, c in zip(ids, am, cm, strict=True) if a and not c])
+        trl[key] = names([i for i, c in zip(ids, cm, strict=True) if c])
     _, hprocessor = _trl_processor(root, native=True)  # hallu always renders the processor's own template
     spec = get_method("dpo")
     ex = build_examples(load_pairs(root / "pairs.jsonl", spec, spec.options())[:1], root, hprocessor, spec,

@@ -38,7 +38,9 @@ def dpo(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Pairs per device per step.")] = 4,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps.")] = 1,
-    save_steps: Annotated[int, typer.Option("--save-steps", min=1, help="Checkpoint every N steps (resume point).")] = 200,
+    save_steps: Annotated[
+        int, typer.Option("--save-steps", min=1, help="Checkpoint every N steps (resume point).")
+    ] = 200,
     logging_steps: Annotated[int, typer.Option("--logging-steps", min=1, help="Log every N steps.")] = 10,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data order, LoRA init and dropout.")] = 0,
     dtype: DtypeOpt = "auto",

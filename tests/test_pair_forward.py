@@ -55,7 +55,7 @@ def _separate(lm, prompts, images, comps):
     """One forward per (prompt, answer): the ground truth."""
     pad = lm.processor.tokenizer.pad_token_id
     out = []
-    for text, ims, cs in zip(prompts, images, comps):
+    for text, ims, cs in zip(prompts, images, comps, strict=True):
         for c in cs:
             enc = pf.encode_prompts(lm.processor, [text], [ims])
             r = pf.continuation_logps(lm.model, enc, [[c]], pad, share_prompt=False)
@@ -186,7 +186,7 @@ def test_plain_path_equals_full_forwards(qwen):
     with pytest.raises(ValueError, match="K times"):  # the shared layout is refused on this model
         pf.continuation_logps(qwen.model, pf.encode_prompts(qwen.processor, prompts, images), comps, pad)
     row = 0
-    for text, ims, cs in zip(prompts, images, comps):
+    for text, ims, cs in zip(prompts, images, comps, strict=True):
         for c in cs:
             want = _full_sequence_logps(qwen, text, ims, c)
             assert got.mask[row].sum().item() == len(c)

@@ -10,8 +10,8 @@ import typer
 from typer.testing import CliRunner
 
 from hallu.commands import prepare_pope
-from hallu.errors import HalluError
 from hallu.data import pope as P
+from hallu.errors import HalluError
 
 TEMPLATE = "Is there a {} in the image?"
 

@@ -138,7 +138,8 @@ def test_shard_fresh_sets_the_old_output_aside(tmp_path, capsys):
     shard.close()
     assert path.read_text() == ""
     assert (tmp_path / "out.previous-1.jsonl").read_text() == '{"id": "a"}\n'
-    assert capsys.readouterr().err == f"note: {path} was made with other options or inputs; kept it as out.previous-1.jsonl\n"
+    note = f"note: {path} was made with other options or inputs; kept it as out.previous-1.jsonl\n"
+    assert capsys.readouterr().err == note
     # A second change keeps the first superseded output too, under the next number.
     path.write_text('{"id": "b"}\n')
     with JsonlShard(path) as shard:

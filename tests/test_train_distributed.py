@@ -108,12 +108,6 @@ def test_sft_lora_zero3_two_processes(setup, tmp_path):
     _check_zero3_stage(run, "sft", run / "sft" / "adapter", setup / "llava", tmp_path)
 
 
-@pytest.mark.xfail(
-    reason="hallu/train/dpo.py reference_logps runs a forward on ZeRO-3-partitioned weights before "
-    "the DeepSpeed engine exists ('Padding_idx must be within num_embeddings'); remove this "
-    "marker once the reference pass gathers the weights",
-    strict=False,
-)
 def test_dpo_lora_zero3_two_processes(setup, tmp_path):
     run = tmp_path / "run"
     p = subprocess.run(

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -480,7 +478,7 @@ def _trainer_class():
                                      dtype=torch.float64, device=self.accelerator.device)
                 if self.accelerator.num_processes > 1:  # every rank calls log at the same step
                     means = self.accelerator.reduce(means, reduction="mean")
-                logs.update({k: float(v) for k, v in zip(keys, means.tolist())})
+                logs.update({k: float(v) for k, v in zip(keys, means.tolist(), strict=True)})
                 self._metric_sums = {}
             return super().log(logs, *args, **kwargs)
 
@@ -628,7 +626,8 @@ def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opt
     )
     # the shared-prompt forward needs the KV cache, which activation checkpointing turns off (TRL defaults it on)
     fields = {f.name for f in dataclasses.fields(DPOConfig)}
-    args_kwargs["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = False
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    args_kwargs[checkpointing] = False
     if opts.max_steps is not None:
         args_kwargs["max_steps"] = opts.max_steps
     args_kwargs.update(common.distributed_args_kwargs())
@@ -672,8 +671,8 @@ def run_dpo(run, model: Path, pairs_path: Path | None, out_dir: Path | None, opt
     with common.training_stage(run, "dpo", manifest_opts, inputs, out_dir) as ts:
         ref_job = None
         if reference == "precomputed":
-            from hallu.manifest import dir_fingerprint
             from hallu.fileio import digest_json
+            from hallu.manifest import dir_fingerprint
 
             key = digest_json({"model": dir_fingerprint(Path(model)),
                                "examples": [_ref_identity(e) for e in examples],

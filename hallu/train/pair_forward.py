@@ -123,7 +123,6 @@ def continuation_logps(model, prompt_inputs: dict, completions: Sequence[Sequenc
     plain one (``share_prompt`` None: decided by the model type). Every prompt has the same number K of
     completions; each completion is non-empty.
     """
-    import torch
 
     share = can_share_prompt(model) if share_prompt is None else share_prompt
     k = len(completions[0])
