@@ -132,6 +132,21 @@ def torchvision_free_video_processors() -> Iterator[None]:
         auto.from_pretrained = orig_from_pretrained
 
 
+def leading_special_text(tokenizer) -> str:
+    """The special tokens the tokenizer puts before a text by default (LLaMA's ``<s>``), as text.
+
+    The engine tokenizes rendered prompts with the tokenizer's defaults, as the processor does at inference;
+    TRL tokenizes with ``add_special_tokens=False``. Prepending this text to a rendered prompt that lacks it
+    makes training see the same prompt tokens as rollout and evaluation.
+    """
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    if not plain or with_special[len(with_special) - len(plain):] != plain:
+        return ""
+    lead = with_special[: len(with_special) - len(plain)]
+    return "".join(tokenizer.convert_ids_to_tokens(lead))
+
+
 def load_processor(path: str | Path, **kwargs):
     """``AutoProcessor.from_pretrained(path)`` with two repairs for transformers 5.x.
 

@@ -62,8 +62,9 @@ def test_labels_are_masked_on_every_prompt_and_image_token(family, world, reques
     opts = sft.SftOptions(lora=False, max_steps=1, learning_rate=1e-3, epochs=1).resolved()
     model, processor = common.load_for_training(model_dir)
     args = sft.sft_config(opts, Path(request.node.name), 1)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=sft.build_dataset(examples), processing_class=processor)
-    ds = sft.build_dataset(examples)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=sft.build_dataset(examples, processor),
+                         processing_class=processor)
+    ds = sft.build_dataset(examples, processor)
     batch = trainer.data_collator([ds[i] for i in range(len(examples))])
     image_id = (
         model.config.image_token_id if hasattr(model.config, "image_token_id") else model.config.image_token_index
@@ -80,11 +81,13 @@ def test_labels_are_masked_on_every_prompt_and_image_token(family, world, reques
         prompt_text = processor.apply_chat_template(
             user_messages(ex.prompt, 1), add_generation_prompt=True, tokenize=False
         )
-        prompt_len = processor(
-            images=[load_image(ex.images[0])], text=[prompt_text], add_special_tokens=False, return_tensors="pt"
-        )["input_ids"].shape[1]
+        # The prompt is tokenized as rollout and evaluation tokenize it: with the tokenizer's leading
+        # special tokens (LLaMA's <s>, which LLaVA's template does not write and TRL would leave out).
+        prompt_enc = processor(images=[load_image(ex.images[0])], text=[prompt_text], return_tensors="pt")
+        prompt_len = prompt_enc["input_ids"].shape[1]
         real = mask.nonzero().flatten()
         first_real = int(real[0])
+        assert ids[first_real : first_real + prompt_len].tolist() == prompt_enc["input_ids"][0].tolist()
         assert not kept[: first_real + prompt_len].any()
         # The answer as the template renders it after the prompt (a leading space, an end-of-turn mark).
         full = processor.apply_chat_template(
@@ -92,6 +95,9 @@ def test_labels_are_masked_on_every_prompt_and_image_token(family, world, reques
         )
         assert full.startswith(prompt_text)
         answer_ids = tok(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+        # ... up to its first end-of-sequence token, which generation stops at (added when the template has none).
+        eos_at = answer_ids.index(tok.eos_token_id) if tok.eos_token_id in answer_ids else None
+        answer_ids = answer_ids[: eos_at + 1] if eos_at is not None else answer_ids + [tok.eos_token_id]
         got = labels[kept].tolist()
         assert got == answer_ids
         assert tok.decode(got).strip().startswith(ex.completion)

@@ -47,6 +47,19 @@ def completion_ids(processor, prompt: str, n_images: int, completion: str, rende
     end marker is not one.
     """
     tokenizer = getattr(processor, "tokenizer", processor)
+    text = completion_text(processor, prompt, n_images, completion, rendered_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def completion_text(processor, prompt: str, n_images: int, completion: str, rendered_prompt: str | None = None
+                    ) -> str:
+    """The text of an answer as the template continues the prompt, ending with the end-of-sequence token.
+
+    One definition for training (DPO's pair forward, SFT's completions), the engine's for scoring: what
+    follows the rendered prompt in the rendered conversation, up to and including the first EOS (text the
+    template adds after it, such as Qwen's newline, is never generated); the EOS is added if there is none.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
     rendered_prompt = rendered_prompt if rendered_prompt is not None else render_prompt(processor, prompt, n_images)
     full = processor.apply_chat_template(user_messages(prompt, n_images) + [assistant_message(completion)],
                                          tokenize=False)
@@ -54,11 +67,11 @@ def completion_ids(processor, prompt: str, n_images: int, completion: str, rende
         text = full[len(rendered_prompt):]
     else:  # templates that rewrite earlier turns once an answer follows: fall back to the bare answer
         text = " " + completion
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
-        ids = ids + [eos]
-    return ids
+    eos = tokenizer.eos_token
+    if eos:
+        at = text.find(eos)
+        text = text[: at + len(eos)] if at >= 0 else text + eos
+    return text
 
 
 def encode_prompts(processor, texts: Sequence[str], images: Sequence[Sequence[Any]], repeat: int = 1,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hallu.errors import HalluError
-from hallu.records import IMAGE_TAG, assistant_message, resolve_image, user_messages
+from hallu.records import IMAGE_TAG, resolve_image, user_messages
 
 
 @dataclass(frozen=True)
@@ -218,24 +218,34 @@ def _sft_record(obj: dict, where: str, base: Path) -> SftExample:
     return SftExample(obj["id"], [str(resolve_image(i, base)) for i in images], obj["prompt"], obj["completion"])
 
 
-def to_trl_rows(examples: list[SftExample]) -> list[dict]:
-    """TRL's conversational prompt/completion rows (images still as paths)."""
-    return [
-        {
-            "images": ex.images,
-            "prompt": user_messages(ex.prompt, len(ex.images)),
-            "completion": [assistant_message(ex.completion)],
-        }
-        for ex in examples
-    ]
+def to_trl_rows(examples: list[SftExample], processor) -> list[dict]:
+    """TRL prompt/completion rows (images still as paths), rendered here rather than by TRL.
+
+    TRL renders conversational rows itself and tokenizes them without special tokens, so a template that
+    does not write the BOS (LLaVA's) would train on prompts without the ``<s>`` that rollout, evaluation and
+    ``hallu dpo`` all put first. Rendering the strings here, with the tokenizer's leading special tokens and
+    the answer exactly as DPO's pair forward scores it, keeps every stage on the same tokens.
+    """
+    from hallu.processors import leading_special_text
+    from hallu.train.pair_forward import completion_text, render_prompt
+
+    lead = leading_special_text(getattr(processor, "tokenizer", processor))
+    rows = []
+    for ex in examples:
+        prompt = render_prompt(processor, ex.prompt, len(ex.images))
+        if lead and not prompt.startswith(lead):
+            prompt = lead + prompt
+        rows.append({"images": ex.images, "prompt": prompt,
+                     "completion": completion_text(processor, ex.prompt, len(ex.images), ex.completion)})
+    return rows
 
 
-def build_dataset(examples: list[SftExample]):
+def build_dataset(examples: list[SftExample], processor):
     """A datasets.Dataset whose images decode lazily from their paths."""
     import datasets
 
     datasets.disable_progress_bars()
-    rows = to_trl_rows(examples)
+    rows = to_trl_rows(examples, processor)
     ds = datasets.Dataset.from_list(rows)
     feature_cls = getattr(datasets, "List", None) or datasets.Sequence
     return ds.cast_column("images", feature_cls(datasets.Image()))
@@ -255,7 +265,8 @@ def check_max_length(examples: list[SftExample], processor, max_length: int | No
             text = processor.apply_chat_template(
                 user_messages(ex.prompt, len(images)), add_generation_prompt=True, tokenize=False
             )
-            enc = processor(images=images or None, text=[text], add_special_tokens=False, return_tensors="pt")
+            # The tokenizer's defaults: the leading special tokens to_trl_rows puts before the prompt count too.
+            enc = processor(images=images or None, text=[text], return_tensors="pt")
             cache[key] = int(enc["input_ids"].shape[1])
         n = cache[key]
         if n >= max_length:
@@ -345,7 +356,7 @@ def run_sft(run, model: Path, data: Path | None, out_dir: Path | None, options: 
         trainer = SFTTrainer(
             model=model_obj,
             args=args,
-            train_dataset=build_dataset(examples),
+            train_dataset=build_dataset(examples, processor),
             processing_class=processor,
             peft_config=peft_config,
             callbacks=[common.LogHistoryCallback(log_path), _manifest_progress(ts)],
