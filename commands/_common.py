@@ -191,3 +191,32 @@ def command_argv(ctx, drop: tuple[str, ...] = ()) -> list[str]:
 
 def _arg(value) -> str:
     return str(getattr(value, "value", value))
+
+
+# -- training (sft, dpo): one declaration each -------------------------------------------------------------
+
+TrainGpusOpt = Annotated[
+    int | None, typer.Option("--gpus", help="Train on N GPUs: re-launches under accelerate with DeepSpeed ZeRO-3.")
+]
+TrainNprocOpt = Annotated[
+    int | None, typer.Option("--nproc", help="Train as N processes (on CPU: ZeRO-3 over gloo).")
+]
+AccelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--accelerate-config",
+        help="zero2, zero3, zero3-offload (packaged DeepSpeed configs), a DeepSpeed .json or an accelerate .yaml.",
+    ),
+]
+REPORT_TO = ("none", "tensorboard", "wandb")
+ReportOpt = Annotated[str, typer.Option("--report-to", help="none, tensorboard or wandb.")]
+LoraOpt = Annotated[bool, typer.Option("--lora/--full", help="Train a LoRA adapter (default) or every weight.")]
+MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")]
+GradAccumOpt = Annotated[int, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps.")]
+SaveStepsOpt = Annotated[int, typer.Option("--save-steps", min=1, help="Checkpoint every N steps (resume point).")]
+LoggingStepsOpt = Annotated[int, typer.Option("--logging-steps", min=1, help="Log every N steps.")]
+
+
+def check_report_to(report_to: str) -> None:
+    if report_to not in REPORT_TO:
+        raise HalluError(f"--report-to {report_to}: choose one of {', '.join(REPORT_TO)}")

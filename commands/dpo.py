@@ -7,8 +7,25 @@ from typing import Annotated
 
 import typer
 
-from hallu.commands._common import DtypeOpt, ModelOpt, RunOpt, TrustOpt, err_console
-from hallu.commands.sft import AccelOpt, GpusOpt, NprocOpt, ReportOpt
+from hallu.commands._common import (
+    AccelOpt,
+    ChatTemplateOpt,
+    DtypeOpt,
+    GradAccumOpt,
+    LoggingStepsOpt,
+    LoraOpt,
+    MaxStepsOpt,
+    ModelOpt,
+    ReportOpt,
+    RunOpt,
+    SaveStepsOpt,
+    TrainGpusOpt,
+    TrainNprocOpt,
+    TrustOpt,
+    check_report_to,
+    err_console,
+    template_arg,
+)
 
 
 def dpo(
@@ -24,8 +41,8 @@ def dpo(
         typer.Option("--sft-data", help="SFT data for the auxiliary LM term (HA-DPO's gamma; pairs, prompts with "
                                         "references or SFT records); default: the run's prepared prompts."),
     ] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")] = None,
-    lora: Annotated[bool, typer.Option("--lora/--full", help="Train a LoRA adapter (default) or every weight.")] = True,
+    max_steps: MaxStepsOpt = None,
+    lora: LoraOpt = True,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="A DPOConfig field (key=value, e.g. beta=0.2) or a method option "
@@ -37,37 +54,31 @@ def dpo(
                                          "adapter-off (LoRA only); default: the method's."),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Pairs per device per step.")] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps.")] = 1,
-    save_steps: Annotated[
-        int, typer.Option("--save-steps", min=1, help="Checkpoint every N steps (resume point).")
-    ] = 200,
-    logging_steps: Annotated[int, typer.Option("--logging-steps", min=1, help="Log every N steps.")] = 10,
+    grad_accum: GradAccumOpt = 1,
+    save_steps: SaveStepsOpt = 200,
+    logging_steps: LoggingStepsOpt = 10,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data order, LoRA init and dropout.")] = 0,
     dtype: DtypeOpt = "auto",
-    chat_template: Annotated[
-        str | None, typer.Option("--chat-template", help="A Jinja chat template file replacing the processor's.")
-    ] = None,
+    chat_template: ChatTemplateOpt = None,
     report_to: ReportOpt = "none",
-    gpus: GpusOpt = None,
-    nproc: NprocOpt = None,
+    gpus: TrainGpusOpt = None,
+    nproc: TrainNprocOpt = None,
     accelerate_config: AccelOpt = None,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Train a policy on preference pairs with the method's loss. Rerunning resumes from the last checkpoint."""
-    from hallu.errors import HalluError
     from hallu.manifest import Run
     from hallu.methods import get_method
     from hallu.train.dpo import DpoOptions, run_dpo
     from hallu.train.launch import launch_if_requested
 
-    if report_to not in ("none", "tensorboard", "wandb"):
-        raise HalluError(f"--report-to {report_to}: choose none, tensorboard or wandb")
+    check_report_to(report_to)
     get_method(method)  # a typo fails before any launch
     launch_if_requested(gpus, nproc, accelerate_config)
     opts = DpoOptions(method=method, lora=lora, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                       save_steps=save_steps, logging_steps=logging_steps, seed=seed, dtype=dtype,
                       reference=reference, report_to=report_to, trust_remote_code=trust_remote_code,
-                      chat_template=chat_template, set_items=list(set_ or []), sft_data=sft_data)
+                      chat_template=template_arg(chat_template), set_items=list(set_ or []), sft_data=sft_data)
     result = run_dpo(Run(run), model, pairs, out, opts,
                      warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True))
     from hallu.train.common import is_rank_zero

@@ -7,24 +7,30 @@ from typing import Annotated
 
 import typer
 
-from hallu.commands._common import DtypeOpt, ModelOpt, RunOpt, TrustOpt, err_console
+from hallu.commands._common import (
+    AccelOpt,
+    ChatTemplateOpt,
+    DtypeOpt,
+    GradAccumOpt,
+    LoggingStepsOpt,
+    LoraOpt,
+    MaxStepsOpt,
+    ModelOpt,
+    ReportOpt,
+    RunOpt,
+    SaveStepsOpt,
+    TrainGpusOpt,
+    TrainNprocOpt,
+    TrustOpt,
+    check_report_to,
+    err_console,
+    template_arg,
+)
 
-GpusOpt = Annotated[
-    int | None, typer.Option("--gpus", help="Train on N GPUs: re-launches under accelerate with DeepSpeed ZeRO-3.")
-]
-NprocOpt = Annotated[int | None, typer.Option("--nproc", help="Train as N processes (on CPU: ZeRO-3 over gloo).")]
-AccelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--accelerate-config",
-        help="zero2, zero3, zero3-offload (packaged DeepSpeed configs), a DeepSpeed .json or an accelerate .yaml.",
-    ),
-]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Any SFTConfig field, key=value (repeatable), e.g. --set warmup_steps=10."),
 ]
-ReportOpt = Annotated[str, typer.Option("--report-to", help="none, tensorboard or wandb.")]
 
 
 def sft(
@@ -38,7 +44,7 @@ def sft(
             "revised pairs, else its prepared prompts (held-out splits skipped).",
         ),
     ] = None,
-    lora: Annotated[bool, typer.Option("--lora/--full", help="Train a LoRA adapter (default) or every weight.")] = True,
+    lora: LoraOpt = True,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/sft).")] = None,
     method: Annotated[
         str,
@@ -61,36 +67,30 @@ def sft(
     ] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Learning rate (default: the method's).")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", min=0.0, help="Passes over the data.")] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")] = None,
+    max_steps: MaxStepsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Examples per device per step.")] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps.")] = 1,
+    grad_accum: GradAccumOpt = 1,
     max_length: Annotated[
         int, typer.Option("--max-length", min=1, help="Longest sequence in tokens (image tokens count).")
     ] = 1024,
-    save_steps: Annotated[
-        int, typer.Option("--save-steps", min=1, help="Checkpoint every N steps (resume point).")
-    ] = 200,
-    logging_steps: Annotated[int, typer.Option("--logging-steps", min=1, help="Log every N steps.")] = 10,
+    save_steps: SaveStepsOpt = 200,
+    logging_steps: LoggingStepsOpt = 10,
     seed: Annotated[int, typer.Option("--seed", help="Seed of weights init, data order and dropout.")] = 0,
     dtype: DtypeOpt = "auto",
-    chat_template: Annotated[
-        str | None, typer.Option("--chat-template", help="A Jinja chat template file replacing the processor's.")
-    ] = None,
+    chat_template: ChatTemplateOpt = None,
     set_: SetOpt = None,
     report_to: ReportOpt = "none",
-    gpus: GpusOpt = None,
-    nproc: NprocOpt = None,
+    gpus: TrainGpusOpt = None,
+    nproc: TrainNprocOpt = None,
     accelerate_config: AccelOpt = None,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Supervised fine-tuning on answers (loss on the answer tokens only). A rerun resumes from the last checkpoint."""
-    from hallu.errors import HalluError
     from hallu.manifest import Run
     from hallu.train.launch import launch_if_requested
     from hallu.train.sft import SftOptions, load_examples, preset_for, run_sft
 
-    if report_to not in ("none", "tensorboard", "wandb"):
-        raise HalluError(f"--report-to {report_to}: choose none, tensorboard or wandb")
+    check_report_to(report_to)
     preset = preset_for(method)
     from trl import SFTConfig
 
@@ -121,7 +121,7 @@ def sft(
         dtype=dtype,
         report_to=report_to,
         trust_remote_code=trust_remote_code,
-        chat_template=chat_template,
+        chat_template=template_arg(chat_template),
         overrides=overrides,
     )
     result = run_sft(the_run, model, data, out, opts)
