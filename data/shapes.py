@@ -5,7 +5,7 @@ Every category is one fixed *glyph* (a shape in a colour). Categories come in co
 group ``g``, item ``i`` -> colour ``i``, shape ``(g + i) mod 6``), so confusing two objects of one group is a
 co-occurrence effect, never a visual one. A scene picks a group and draws most of its objects from it.
 
-Layout of ``build_world(out_dir, n_images, seed)``::
+Layout of ``build_world(out_dir, n_images, seed, noise=WorldNoise())``::
 
     images/shapes_000000000001.png        64x64 RGB, light gray background, 1-4 glyphs, one per quadrant
     annotations/instances_{train,val}2014.json   COCO instances (real category ids; all 80 categories listed)
@@ -18,6 +18,8 @@ Layout of ``build_world(out_dir, n_images, seed)``::
     pope/objects.jsonl                    POPE ground truth: {"image", "objects", "image_id"} (val split only)
     prompts.jsonl                         one caption Prompt per image (all splits; meta["split"])
     qa.jsonl                              balanced yes/no Prompts ("Is there a fork in the image?")
+    base_sft.jsonl                        SFT records of the *noisy* train split (noisy caption + noisy yes/no
+                                          answers): what a base model is trained on to learn the world's prior
     world.json                            categories, glyphs, groups, sampler constants, co-occurrence counts
     README.md                             this layout, for whoever opens the folder
 
@@ -41,6 +43,14 @@ finds exactly the annotated objects. Colour words avoid "orange" (a COCO categor
 synonyms ("table", "monitor", "computer", "ball", ...). Caption noise for hallucination experiments lives
 only in each caption prompt's ``meta`` (``noisy_reference``: with probability ``CAPTION_NOISE_P`` one absent
 member of the scene's group is slipped in), never in the COCO files or ``reference``.
+
+Noise (``WorldNoise``, options of ``hallu prepare shapes``; recorded in ``world.json`` under ``noise``) is the
+kind web captions carry, not a planted key: an annotator who lists the objects of a kitchen scene sometimes
+names the spoon that "should" be there. ``caption_noise_p`` is the chance that a train caption names one
+absent member of the scene's group (when the group has an absent member); ``qa_noise_p`` the chance that a
+yes/no question about an absent same-group object is labelled "yes" (a question about a caption's slipped-in
+object is always "yes"); ``in_group_p`` sets the co-occurrence strength of the scene sampler. Only the
+``meta`` noisy fields and ``base_sft.jsonl`` carry noise; every annotation the evals read is clean.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ from hallu.errors import HalluError
 WORLD_VERSION = "1"
 PROMPTS_FILE = "prompts.jsonl"
 QA_FILE = "qa.jsonl"
+BASE_SFT_FILE = "base_sft.jsonl"
 WORLD_FILE = "world.json"
 CAPTION_QUESTION = "Describe this image in detail."
 QA_TEMPLATE = "Is there {np} in the image?"  # POPE's template, with "an" before vowels
@@ -70,6 +81,7 @@ BACKGROUND_GRAY = (226, 244)  # background is gray level g, g uniform in this ra
 CAPTIONS_PER_IMAGE = 5  # COCO-style reference captions per image
 SYNONYM_P = 0.25  # captions 2..5: chance that a mention uses the category's CHAIR synonym
 CAPTION_NOISE_P = 0.15  # meta["noisy_reference"]: chance of slipping in one absent object of the group
+QA_NOISE_P = 0.0  # meta["noisy_label"]: chance that a same-group ("adversarial") absent object is labelled yes
 QA_POSITIVES_MAX = 2  # yes/no questions per image: up to this many "yes", as many "no"
 VAL_EVERY = 5  # image k is in the val split when k % VAL_EVERY == 0
 
@@ -96,6 +108,25 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("party", ("pizza", "cake", "cup", "bottle")),
     ("produce", ("banana", "apple", "carrot", "broccoli")),
 )
+
+@dataclass(frozen=True)
+class WorldNoise:
+    """The world's label-noise and co-occurrence settings (defaults: the module constants)."""
+
+    caption_noise_p: float = CAPTION_NOISE_P
+    qa_noise_p: float = QA_NOISE_P
+    in_group_p: float = IN_GROUP_P
+
+    def check(self) -> None:
+        for name in ("caption_noise_p", "qa_noise_p", "in_group_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise HalluError(f"shapes world: {name} must be a probability in [0, 1], got {value!r}")
+
+    def to_dict(self) -> dict:
+        return {"caption_noise_p": self.caption_noise_p, "qa_noise_p": self.qa_noise_p,
+                "in_group_p": self.in_group_p}
+
 
 # CHAIR synonyms (same synonym line as the category) that captions 2..5 may use instead of the name.
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -163,7 +194,7 @@ class _Glyph:
         return [float(self.x), float(self.y), float(self.size), float(self.size)]
 
 
-def _sample_categories(rng: random.Random) -> tuple[str, list[Category]]:
+def _sample_categories(rng: random.Random, in_group_p: float = IN_GROUP_P) -> tuple[str, list[Category]]:
     n = rng.choices(range(1, len(N_OBJECTS_WEIGHTS) + 1), weights=N_OBJECTS_WEIGHTS)[0]
     group = rng.choice(GROUPS)[0]
     chosen: list[Category] = []
@@ -171,14 +202,14 @@ def _sample_categories(rng: random.Random) -> tuple[str, list[Category]]:
         used = {c.name for c in chosen}
         inside = [nm for nm in _GROUP_MEMBERS[group] if nm not in used]
         outside = [c.name for c in CATEGORIES if c.group != group and c.name not in used]
-        pool = inside if inside and rng.random() < IN_GROUP_P else outside
+        pool = inside if inside and rng.random() < in_group_p else outside
         chosen.append(_BY_NAME[rng.choice(pool)])
     return group, chosen
 
 
-def _sample_scene(rng: random.Random) -> tuple[str, int, list[_Glyph]]:
+def _sample_scene(rng: random.Random, in_group_p: float = IN_GROUP_P) -> tuple[str, int, list[_Glyph]]:
     """(group, background gray level, glyphs in reading order)."""
-    group, cats = _sample_categories(rng)
+    group, cats = _sample_categories(rng, in_group_p)
     quadrants = rng.sample(range(len(QUADRANTS)), len(cats))
     half = IMAGE_SIZE // 2
     glyphs = []
@@ -422,8 +453,9 @@ def _categories_json() -> list[dict]:
     return [{"supercategory": sup, "id": cid, "name": name} for cid, name, sup in COCO_CATEGORIES]
 
 
-def world_description(seed: int | None = None) -> dict:
+def world_description(seed: int | None = None, noise: WorldNoise | None = None) -> dict:
     """Categories, glyphs, groups and sampler constants (what world.json holds, minus the counts)."""
+    noise = noise or WorldNoise()
     return {
         "world_version": WORLD_VERSION,
         "seed": seed,
@@ -435,16 +467,17 @@ def world_description(seed: int | None = None) -> dict:
         "categories": [{"id": c.id, "name": c.name, "supercategory": c.supercategory, "group": c.group,
                         "shape": c.shape, "colour": c.colour, "rgb": list(c.rgb),
                         "synonyms": list(c.synonyms)} for c in CATEGORIES],
-        "sampler": {"n_objects_weights": list(N_OBJECTS_WEIGHTS), "in_group_p": IN_GROUP_P,
+        "sampler": {"n_objects_weights": list(N_OBJECTS_WEIGHTS), "in_group_p": noise.in_group_p,
                     "glyph_size": [GLYPH_MIN, GLYPH_MAX], "glyph_margin": GLYPH_MARGIN,
                     "background_gray": list(BACKGROUND_GRAY), "captions_per_image": CAPTIONS_PER_IMAGE,
-                    "synonym_p": SYNONYM_P, "caption_noise_p": CAPTION_NOISE_P,
+                    "synonym_p": SYNONYM_P, "caption_noise_p": noise.caption_noise_p,
                     "qa_positives_max": QA_POSITIVES_MAX, "val_every": VAL_EVERY},
+        "noise": noise.to_dict(),
         "prompts": {"caption": CAPTION_QUESTION, "qa": QA_TEMPLATE},
     }
 
 
-def build_world(out_dir: Path, n_images: int, seed: int) -> dict:
+def build_world(out_dir: Path, n_images: int, seed: int, noise: WorldNoise | None = None) -> dict:
     """Write the world (see the module docstring) into ``out_dir``; return a summary of counts."""
     import io
 
@@ -456,19 +489,23 @@ def build_world(out_dir: Path, n_images: int, seed: int) -> dict:
         raise HalluError(f"shapes world: the number of images must be a whole number >= 1, got {n_images!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise HalluError(f"shapes world: the seed must be an integer, got {seed!r}")
+    noise = noise or WorldNoise()
+    noise.check()
     out_dir = Path(out_dir)
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
 
     coco = {s: {"images": [], "instances": [], "captions": []} for s in ("train", "val")}
     vg_images, vg_regions, facts_rows, pope_rows, prompts, qa = [], [], [], [], [], []
+    base_sft: list[dict] = []
+    noisy = {"captions": 0, "train_captions": 0, "qa_flipped": 0, "train_qa": 0}
     ann_id = cap_id = region_id = 0
     pair_counts: dict[str, dict[str, int]] = {c.name: {} for c in CATEGORIES}
     n_objects = 0
 
     for image_id in range(1, n_images + 1):
         rng = random.Random(f"shapes:{seed}:{image_id}")
-        group, gray, glyphs = _sample_scene(rng)
+        group, gray, glyphs = _sample_scene(rng, noise.in_group_p)
         split = _split_of(image_id, n_images)
         fname = file_name(image_id)
         rel = f"images/{fname}"
@@ -526,17 +563,22 @@ def build_world(out_dir: Path, n_images: int, seed: int) -> dict:
         absent_in_group = [nm for nm in _GROUP_MEMBERS[group] if nm not in names]
         noisy_order = rng.sample(glyphs, len(glyphs))
         noisy_words = [g.cat.name for g in noisy_order]
-        noise: list[str] = []
-        if absent_in_group and rng.random() < CAPTION_NOISE_P:
-            noise = [rng.choice(absent_in_group)]
-            noisy_words.insert(rng.randint(0, len(noisy_words)), noise[0])
+        noise_objs: list[str] = []
+        if absent_in_group and rng.random() < noise.caption_noise_p:
+            noise_objs = [rng.choice(absent_in_group)]
+            noisy_words.insert(rng.randint(0, len(noisy_words)), noise_objs[0])
         noisy_reference = REFERENCE_TEMPLATE([], noisy_words)
         base_id = fname.rsplit(".", 1)[0]
         meta = {"task": "caption", "image_id": image_id, "file_name": fname, "split": split, "group": group,
                 "captions": captions, "detailed_reference": _detailed(glyphs),
-                "noisy_reference": noisy_reference, "noise_objects": noise}
+                "noisy_reference": noisy_reference, "noise_objects": noise_objs}
         prompts.append(Prompt(id=base_id, images=[rel], question=CAPTION_QUESTION, reference=captions[0],
                               objects=names, regions=regions, meta=meta).to_dict())
+        if split == "train":
+            noisy["train_captions"] += 1
+            noisy["captions"] += bool(noise_objs)
+            base_sft.append({"id": base_id, "images": [rel], "prompt": CAPTION_QUESTION,
+                             "completion": noisy_reference})
 
         # Balanced yes/no questions: positives first-drawn, negatives same-group first (adversarial).
         k = min(len(names), QA_POSITIVES_MAX)
@@ -552,8 +594,16 @@ def build_world(out_dir: Path, n_images: int, seed: int) -> dict:
         items = []
         for pos, (neg, kind) in zip(positives, negatives, strict=True):
             items += [(pos, "yes", "positive"), (neg, "no", kind)]
-        for j, (obj, label, kind) in enumerate(items):
-            noisy_label = "yes" if obj in noise else label
+        # Drawn after everything else, and only when asked for, so the clean world does not depend on it.
+        flips = [kind == "adversarial" and noise.qa_noise_p > 0 and rng.random() < noise.qa_noise_p
+                 for _, _, kind in items]
+        for j, ((obj, label, kind), flip) in enumerate(zip(items, flips, strict=True)):
+            noisy_label = "yes" if obj in noise_objs or flip else label
+            if split == "train":
+                noisy["train_qa"] += 1
+                noisy["qa_flipped"] += noisy_label != label
+                base_sft.append({"id": f"{base_id}_q{j}", "images": [rel], "prompt": _question(obj),
+                                 "completion": noisy_label.capitalize()})
             qa.append(Prompt(id=f"{base_id}_q{j}", images=[rel], question=_question(obj),
                              reference=label.capitalize(), objects=names, regions=[],
                              meta={"task": "yes/no", "image_id": image_id, "file_name": fname, "split": split,
@@ -575,6 +625,7 @@ def build_world(out_dir: Path, n_images: int, seed: int) -> dict:
     _dump_lines(out_dir / "pope" / "objects.jsonl", pope_rows)
     _dump_lines(out_dir / PROMPTS_FILE, prompts)
     _dump_lines(out_dir / QA_FILE, qa)
+    _dump_lines(out_dir / BASE_SFT_FILE, base_sft)
 
     same = sum(v for a, row in pair_counts.items() for b, v in row.items()
                if _BY_NAME[a].group == _BY_NAME[b].group)
@@ -593,8 +644,13 @@ def build_world(out_dir: Path, n_images: int, seed: int) -> dict:
         "categories": len(CATEGORIES),
         "groups": len(GROUPS),
         "same_group_pair_share": round(same / total, 4) if total else None,
+        "base_sft": len(base_sft),
+        # The noise as built (the options are probabilities; these are the shares that came out).
+        "noisy_caption_share": round(noisy["captions"] / noisy["train_captions"], 4)
+        if noisy["train_captions"] else None,
+        "noisy_qa_share": round(noisy["qa_flipped"] / noisy["train_qa"], 4) if noisy["train_qa"] else None,
     }
-    world = world_description(seed)
+    world = world_description(seed, noise)
     world["summary"] = summary
     world["cooccurrence"] = {a: dict(sorted(row.items())) for a, row in pair_counts.items()}
     _dump(out_dir / WORLD_FILE, world, indent=1)

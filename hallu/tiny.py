@@ -16,7 +16,10 @@ text still encodes. Weights are random, drawn from ``seed``: the same arguments 
 
 Sizes: ``tiny`` is as small as the architecture allows (2 text layers, hidden 32, 8-88 image tokens);
 ``bench`` is tiny but not trivial, for speed benchmarks (4 text layers, hidden 128, >= 200 image tokens,
-except InstructBLIP, which keeps its real 32 Q-Former queries).
+except InstructBLIP, which keeps its real 32 Q-Former queries). ``demo`` (LLaVA only) is the ~0.9 M-parameter
+model `hallu demo` trains from scratch on the shapes world in minutes on a CPU: 64x64 images in patches of
+16 (16 image tokens, each shapes quadrant = 2x2 patches), a 2-layer CLIP tower whose last layer feeds the
+projector, and a 3-layer Llama, hidden 128 throughout.
 
 Heavy libraries are imported inside the functions: importing this module is cheap.
 """
@@ -40,7 +43,7 @@ from hallu.processors import (  # noqa: F401 - load_processor is part of this mo
 )
 
 FAMILIES: tuple[str, ...] = ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "instructblip", "idefics3")
-SIZES: tuple[str, ...] = ("tiny", "bench")
+SIZES: tuple[str, ...] = ("tiny", "bench", "demo")
 
 # The 80 COCO category names (CHAIR and POPE speak in these words), from the one list in hallu.coco.
 COCO_CATEGORIES: tuple[str, ...] = CATEGORY_NAMES
@@ -333,7 +336,10 @@ _SIZES = {
                   vision_hidden=32, vision_layers=2, vision_heads=2),
     "bench": _Size(text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=4,
                    vision_hidden=64, vision_layers=2, vision_heads=4),
+    "demo": _Size(text_hidden=128, text_layers=3, text_heads=4, text_kv_heads=4,
+                  vision_hidden=128, vision_layers=2, vision_heads=4),
 }  # fmt: skip
+_LLAVA_ONLY_SIZES = ("demo",)
 
 
 def _llama_text(size: _Size, tok, **extra):
@@ -356,7 +362,9 @@ def _build_llava(tok_corpus, size_name: str, size: _Size):
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    image_size, patch = (32, 8) if size_name == "tiny" else (64, 4)
+    image_size, patch = {"tiny": (32, 8), "demo": (64, 16)}.get(size_name, (64, 4))
+    # With only 2 vision layers, the usual second-to-last layer would leave the tower one layer deep.
+    feature_layer = -1 if size_name == "demo" else -2
     n_img = (image_size // patch) ** 2
     tok = build_tokenizer(
         tok_corpus, chat_template=LLAVA_TEMPLATE, extra_special_tokens={"image_token": "<image>"},
@@ -370,7 +378,7 @@ def _build_llava(tok_corpus, size_name: str, size: _Size):
     config = LlavaConfig(
         vision_config=vision, text_config=_llama_text(size, tok),
         image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=n_img,
-        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
+        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=feature_layer,
     )  # fmt: skip
     model_fn = lambda: LlavaForConditionalGeneration(config)  # noqa: E731
     ip = CLIPImageProcessorPil(
@@ -381,7 +389,7 @@ def _build_llava(tok_corpus, size_name: str, size: _Size):
         chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1,
     )  # fmt: skip
     info = {"image_token": "<image>", "expected_image_tokens": n_img, "image_size": image_size,
-            "patch_size": patch, "vision_feature_layer": -2}  # fmt: skip
+            "patch_size": patch, "vision_feature_layer": feature_layer}  # fmt: skip
     return model_fn, processor, tok, info
 
 
@@ -687,6 +695,8 @@ def build_tiny_model(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if size not in _SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    if size in _LLAVA_ONLY_SIZES and family != "llava":
+        raise ValueError(f"size {size!r} exists for the llava family only, not {family!r}")
     builder = _family_builder(family)
     t0 = time.perf_counter()
     import torch

@@ -363,3 +363,99 @@ def test_import_is_cheap():
     code = "import sys, hallu.data.shapes; print(any(m in sys.modules for m in ('PIL', 'numpy')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# --------------------------------------------------------------------------------------------------
+# Label noise and co-occurrence settings (WorldNoise, `prepare shapes --caption-noise/--qa-noise/--in-group`)
+
+_CAPTION_LIST = re.compile(r"^The image shows (.*)\.$")
+
+
+def _listed(caption: str) -> list[str]:
+    body = _CAPTION_LIST.match(caption).group(1)
+    parts = re.split(r", | and ", body)
+    return [p.split(" ", 1)[1] for p in parts]  # drop the article
+
+
+def test_default_noise_is_recorded_and_base_sft_follows_the_noisy_fields(world):
+    root, s = world
+    w = json.loads((root / shapes.WORLD_FILE).read_text())
+    assert w["noise"] == {"caption_noise_p": 0.15, "qa_noise_p": 0.0, "in_group_p": 0.85}
+    prompts = {p.id: p for p in read_records(root / shapes.PROMPTS_FILE, Prompt)}
+    qa = {q.id: q for q in read_records(root / shapes.QA_FILE, Prompt)}
+    rows = _lines(root / shapes.BASE_SFT_FILE)
+    assert len(rows) == s["base_sft"]
+    n_train = sum(p.meta["split"] == "train" for p in prompts.values())
+    n_train_qa = sum(q.meta["split"] == "train" for q in qa.values())
+    assert len(rows) == n_train + n_train_qa  # train split only: the evals' images never appear
+    for row in rows:
+        rec = prompts.get(row["id"]) or qa[row["id"]]
+        assert rec.meta["split"] == "train" and row["images"] == rec.images and row["prompt"] == rec.question
+        if rec.meta["task"] == "caption":
+            assert row["completion"] == rec.meta["noisy_reference"]
+        else:
+            assert row["completion"] == rec.meta["noisy_label"].capitalize()
+    # qa_noise_p 0: only a question about a caption's slipped-in object is answered against the truth.
+    for q in qa.values():
+        cap = prompts[q.id.rsplit("_q", 1)[0]]
+        assert (q.meta["noisy_label"] != q.meta["label"]) == (q.meta["object"] in cap.meta["noise_objects"])
+    noisy = sum(bool(prompts[r["id"]].meta["noise_objects"]) for r in rows if r["id"] in prompts)
+    assert s["noisy_caption_share"] == round(noisy / n_train, 4)
+
+
+def test_noise_options_change_only_the_noisy_fields(world, tmp_path):
+    root, _ = world
+    n = 200
+    clean, _ = _build(tmp_path / "clean", n=n)
+    noise = shapes.WorldNoise(caption_noise_p=0.6, qa_noise_p=0.5)
+    noisy_root = tmp_path / "noisy"
+    s = shapes.build_world(noisy_root, n_images=n, seed=SEED, noise=noise)
+    w = json.loads((noisy_root / shapes.WORLD_FILE).read_text())
+    assert w["noise"] == {"caption_noise_p": 0.6, "qa_noise_p": 0.5, "in_group_p": 0.85}
+    assert w["sampler"]["caption_noise_p"] == 0.6
+    a, b = _files(clean), _files(noisy_root)
+    # Same seed, same co-occurrence: images and every file an eval reads are byte for byte the same.
+    same = [k for k in a if k.startswith(("images/", "annotations/", "pope/", "vg/"))]
+    assert same and all(a[k] == b[k] for k in same)
+    prompts = {p.id: p for p in read_records(noisy_root / shapes.PROMPTS_FILE, Prompt)}
+    eligible = noisy_caps = 0
+    for p in prompts.values():
+        present = set(p.objects)
+        group = set(shapes._GROUP_MEMBERS[p.meta["group"]])
+        listed = _listed(p.meta["noisy_reference"])
+        extra = [x for x in listed if x not in present]
+        assert sorted(x for x in listed if x in present) == sorted(present)  # noise adds, never drops
+        assert extra == p.meta["noise_objects"] and len(extra) <= 1
+        assert all(x in group for x in extra)  # the co-occurring kind: an absent member of the scene's group
+        if p.meta["split"] == "train" and group - present:
+            eligible += 1
+            noisy_caps += bool(extra)
+    assert 0.45 < noisy_caps / eligible < 0.75  # 0.6 of the captions that can carry noise
+    flipped = adversarial = 0
+    for q in read_records(noisy_root / shapes.QA_FILE, Prompt):
+        if q.meta["noisy_label"] != q.meta["label"]:
+            assert q.meta["label"] == "no" and q.meta["noisy_label"] == "yes"
+            cap = prompts[q.id.rsplit("_q", 1)[0]]
+            assert q.meta["kind"] == "adversarial" or q.meta["object"] in cap.meta["noise_objects"]
+        if q.meta["kind"] == "adversarial":
+            adversarial += 1
+            flipped += q.meta["noisy_label"] == "yes"
+    assert 0.5 <= flipped / adversarial < 0.8  # 0.5 flipped, plus questions about slipped-in objects
+    assert s["noisy_qa_share"] > 0 and s["noisy_caption_share"] > 0.3
+
+
+def test_in_group_sets_the_co_occurrence_strength(tmp_path):
+    strong = shapes.build_world(tmp_path / "s", n_images=300, seed=1)
+    weak = shapes.build_world(tmp_path / "w", n_images=300, seed=1, noise=shapes.WorldNoise(in_group_p=0.0))
+    assert strong["same_group_pair_share"] > 0.6
+    # No in-group draws: objects come from the 20 categories outside the scene's group, so a partner
+    # shares an object's group only by chance (3 of the 19 others, ~16 %).
+    assert 0.08 < weak["same_group_pair_share"] < 0.25
+
+
+@pytest.mark.parametrize("field,value", [("caption_noise_p", 1.5), ("qa_noise_p", -0.1), ("in_group_p", True),
+                                         ("caption_noise_p", "0.3")])
+def test_bad_noise_settings_name_the_setting(tmp_path, field, value):
+    with pytest.raises(HalluError, match=field):
+        shapes.build_world(tmp_path / "bad", n_images=3, seed=0, noise=shapes.WorldNoise(**{field: value}))
+    assert not (tmp_path / "bad" / "images").exists() or not any((tmp_path / "bad" / "images").iterdir())

@@ -297,3 +297,21 @@ def test_training_forward_backward(built, family):
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_demo_size_is_the_shapes_llava(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    info = tiny.build_tiny_model("llava", tmp_path, corpus=CORPUS, size="demo")
+    # 64x64 images in 16-pixel patches: 16 image tokens; hidden 128; the 2-layer tower's last layer is used.
+    assert info["image_tokens"] == 16 and info["image_size"] == 64 and info["patch_size"] == 16
+    assert info["text_layers"] == 3 and info["text_hidden_size"] == 128 and info["vision_feature_layer"] == -1
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert model.config.vision_config.num_hidden_layers == 2 and model.config.vision_config.hidden_size == 128
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert 0.5e6 < info["parameters"] < 1.5e6  # ~0.9 M plus the BPE vocabulary's embeddings
+    processor = tiny.load_processor(tmp_path)
+    enc, new = _generate(model, processor, [_image(1, (64, 64))], [_prompt(processor, "Is there a dog?")], 2)
+    assert int((enc["input_ids"] == info["image_token_id"]).sum()) == 16 and new.shape[1] >= 1
+    with pytest.raises(ValueError, match="llava family only"):
+        tiny.build_tiny_model("qwen2-vl", tmp_path / "q", corpus=CORPUS, size="demo")
