@@ -178,6 +178,25 @@ def resolve_attention(attn: str, device: str) -> str:
     return attn
 
 
+def quiet_transformers() -> None:
+    """Keep library chatter off the user's terminal: hallu prints its own progress and errors.
+
+    transformers' info notices (e.g. "fell back to the PIL image processor") and progress bars go, and so do
+    the v6 deprecation warnings that peft and TRL trigger inside transformers by calling the
+    ``gradient_checkpointing`` names (hallu's own code uses the current APIs; the engine tests turn
+    deprecations into errors). Filtered by the module that raises them, so nothing else is hidden.
+    """
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    for module in ("transformers.modeling_utils", "transformers.training_args"):
+        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning,
+                                module=module)
+
+
 def load_model(model: str | os.PathLike, options: LoadOptions | None = None, **fields: Any) -> LoadedModel:
     """Load model + processor for inference (eval mode, left padding for batched generation).
 
@@ -195,10 +214,7 @@ def load_model(model: str | os.PathLike, options: LoadOptions | None = None, **f
     attn_impl = resolve_attention(opts.attn, device)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # e.g. the "fell back to the PIL image processor" notice
-    transformers.logging.disable_progress_bar()  # hallu draws its own progress
+    quiet_transformers()
     from transformers import AutoModelForImageTextToText
 
     from hallu.processors import choose_chat_template, load_processor

@@ -140,14 +140,11 @@ def load_for_training(
 
     ``chat_template`` replaces the processor's template: a file path or the Jinja text itself.
     """
-    from hallu.models import read_model_config, resolve_dtype
+    from hallu.models import quiet_transformers, read_model_config, resolve_dtype
 
     path = Path(model)
     read_model_config(path, trust_remote_code)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_transformers()
     from transformers import AutoModelForImageTextToText
 
     from hallu.processors import load_processor

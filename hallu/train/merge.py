@@ -96,14 +96,13 @@ def merge_lora(
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # peft -> accelerate -> deepspeed would warn it "fell back"
-    import transformers
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
+    from hallu.models import quiet_transformers
     from hallu.processors import load_processor
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_transformers()
     torch_dtype = getattr(torch, dtype)
     # The adapter folder's processor is the one training used (a changed chat template travels with it).
     proc_src = (
