@@ -1,7 +1,7 @@
-"""`hallu demo`: the pipeline, end to end, on the offline shapes world with a tiny model.
+"""`hallu demo`: the whole loop on the offline shapes world, with a report of what it changed.
 
-Today the loop is prepare -> tiny model -> rollout -> eval (POPE, CHAIR); each later stage joins the
-demo when it lands.
+The orchestration lives in :mod:`hallu.demo` (stages, sub-runs, resume) and the report in
+:mod:`hallu.report`; this module parses the flags and prints the tables.
 """
 
 from __future__ import annotations
@@ -15,50 +15,30 @@ from hallu.commands._common import err_console, note, out_console
 
 
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Run directory for the demo.")] = Path("runs/demo"),
-    images: Annotated[int, typer.Option("--images", min=1, help="Images in the shapes world.")] = 200,
-    n: Annotated[int, typer.Option("--n", min=1, help="Rollout samples per prompt.")] = 2,
-    seed: Annotated[int, typer.Option(help="Seed for the world, the model and sampling.")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo (a rerun resumes it).")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="Seed for the world, the model, training and sampling.")] = 0,
+    quick: Annotated[bool, typer.Option("--quick", help="A small world and few steps (the test suite's variant).")]
+    = False,
+    images: Annotated[int | None, typer.Option("--images", min=30, help="Images in the shapes world "
+                                                "(default: the config's).")] = None,
 ) -> None:
-    """Run the whole loop offline on the shapes world with a tiny random model (a minute on a laptop CPU)."""
-    from hallu.commands import eval_chair, prepare, status
-    from hallu.data import pope as pope_data
-    from hallu.errors import HalluError
-    from hallu.evals import chair, pope
-    from hallu.manifest import Run
-    from hallu.rollout import RolloutOptions, rollout
+    """Train a tiny LLaVA on the shapes world, run OPA-DPO and HA-DPO (and their SFT-only controls) from it,
+    evaluate POPE and CHAIR on held-out images before and after, write DIR/report.{json,md,png}."""
+    import dataclasses
+    import time
 
-    err_console.rule("[bold]hallu demo[/]: the shapes world")
-    prepare.shapes(out=out, images=images, seed=seed)
-    data = out / "data"
-    model = out / "models" / "tiny-llava"
-    if not (model / "config.json").exists():
-        prepare.tiny_model(family="llava", out=model, seed=seed)
+    from hallu.demo import DemoConfig, run_demo
 
-    err_console.rule("rollout")
-    opts = RolloutOptions(n=n, max_new_tokens=32, batch_size=16, seed=seed)
-    result = rollout(Run(out, flag="--out"), model, None, opts)
-    note("rollout", f"{result['responses']} responses in {result['path']}")
-    status.status(run=out)
+    config = DemoConfig.quick() if quick else DemoConfig()
+    if images is not None:
+        config = dataclasses.replace(config, images=images)
+    t0 = time.perf_counter()
 
-    err_console.rule("eval: POPE (held-out images) and CHAIR")
-    knobs = dict(max_new_tokens=16, batch_size=32, device="auto", dtype="auto", attn="sdpa", trust_remote_code=False)
-    entries = pope_data.read_objects_file(data / "pope" / "objects.jsonl")
-    eligible = sum(len(e.objects) >= pope_data.DEFAULT_SAMPLE_NUM for e in entries)
-    try:
-        built = pope_data.build(entries, seed=seed, images_per_split=min(50, eligible)) if eligible else None
-    except HalluError as e:  # a world too small to draw negatives from
-        note("POPE skipped", str(e), style="yellow")
-        built = None
-    if built is not None:
-        files = pope_data.write_build(built, out / "pope", dataset="shapes")
-        questions = [files[f"shapes_pope_{s}.json"] for s in pope_data.SPLITS]
-        res, path = pope.evaluate_model(questions, model, data / "images", out / "eval-pope", "pope-official",
-                                        False, dict(knobs, mode="generate", answer_suffix="none"))
-        mean = res["mean"] if len(res["splits"]) > 1 else next(iter(res["splits"].values()))["metrics"]
-        note("POPE", f"(mean over splits) accuracy {mean['accuracy']:.3f}, "
-                     f"F1 {mean['f1'] if mean['f1'] is None else round(mean['f1'], 3)} -> {path}")
-    res, path = chair.evaluate_model(model, data / "images", data / "annotations", out / "eval-chair", False,
-                                     knobs, n_images=min(50, images))
-    out_console.print(eval_chair.metrics_table(res))
-    note("CHAIR", f"-> {path}. A random model describes nothing; later stages train it.")
+    def say(msg: str) -> None:
+        err_console.rule(f"[bold]demo[/] {msg}", style="dim")
+
+    report = run_demo(out, config, seed=seed, say=say)
+    out_console.print((out / "report.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+    met = [name for name, m in report["methods"].items() if m["targets"]["all"]]
+    note("demo", f"{time.perf_counter() - t0:.0f} s in this process; targets met by "
+                 f"{', '.join(met) or 'no method'}; report in {out / 'report.json'}")

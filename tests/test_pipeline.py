@@ -246,16 +246,6 @@ def test_prepare_shapes_bad_input_writes_nothing(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_demo_runs_the_slice(tmp_path):
-    r = cli("demo", "--out", tmp_path / "demo", "--images", 6, "--n", 1)  # too few images for POPE: skipped
-    assert r.exit_code == 0, r.output
-    views = {v.name: v.status for v in Run(tmp_path / "demo").views()}
-    assert views["prepare"] == "done" and views["rollout"] == "done"
-    assert len(read_records(tmp_path / "demo" / "rollout" / "responses.jsonl", Response)) == 6
-    chair = json.loads((tmp_path / "demo" / "eval-chair" / "results.json").read_text())
-    assert chair["benchmark"] == "chair" and chair["counts"]["captions"] == 6
-
-
 def test_eval_help_lists_the_benchmarks():
     r = cli("eval", "--help")
     assert r.exit_code == 0

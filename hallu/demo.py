@@ -1,0 +1,383 @@
+"""`hallu demo`: the hallucination-reduction loop, end to end, on the offline shapes world.
+
+Layout of the demo folder ``DIR`` (every stage is a real hallu stage with its manifest record)::
+
+    DIR/demo.json                 the DemoConfig and seed this folder was made with (a rerun must match)
+    DIR/manifest.json             top run: prepare (the world) and sft (the base: full SFT on noisy labels)
+    DIR/data/                     the shapes world, plus demo-train-prompts.jsonl (rollout's input: the
+                                  train split's caption prompts) and demo/heldout-images/
+    DIR/models/init/              the tiny random LLaVA the base starts from
+    DIR/pope/                     POPE questions (random / popular / adversarial) on held-out images
+    DIR/eval/base/{pope,chair}    the base's evaluations (eval runs with their own manifests)
+    DIR/methods/NAME/             one sub-run per method: rollout, revise, [sft, merge-lora.sft], dpo,
+                                  merge-lora (the merge stages recorded by the demo) and eval/{pope,chair}
+    DIR/methods/NAME/control/     the SFT-only control: same start, same revised pairs, same steps
+    DIR/report.json, report.md, report.png, timings.json
+
+A rerun reads each manifest and skips every stage that is done and not stale, so a demo killed
+anywhere resumes where it stopped (a killed stage resumes itself: shards for rollout and evals,
+checkpoints for training) and ends with the same report. Wall times live in ``timings.json`` and
+``report.md``, never in ``report.json``, so two runs with one seed give byte-identical report.json.
+
+Every number the demo uses comes from one :class:`DemoConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hallu.errors import HalluError
+
+METHOD_NAMES = ("opa-dpo", "ha-dpo")
+CONFIG_FILE = "demo.json"
+TRAIN_PROMPTS_FILE = "demo-train-prompts.jsonl"  # in the world's folder, so its image paths stay inside it
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The world, the model and the recipe of the demo: the one place its numbers live."""
+
+    # -- the shapes world
+    images: int = 1500
+    caption_noise_p: float = 0.3  # share of train captions naming one absent same-group object
+    qa_noise_p: float = 0.25  # share of adversarial train yes/no labels flipped to "yes"
+    in_group_p: float = 0.85  # chance an object comes from the scene's group (co-occurrence strength)
+    # -- the model
+    model_size: str = "tiny"  # hallu.tiny size of the LLaVA-architecture model
+    # -- base SFT (full fine-tuning on the noisy train labels)
+    base_steps: int = 600
+    base_lr: float = 1e-3
+    base_batch: int = 32
+    # -- evaluation on held-out images
+    eval_images: int = 200  # CHAIR captions; POPE uses at most this many images per split
+    caption_tokens: int = 24
+    eval_batch: int = 64
+    # -- rollout and revise
+    rollout_n: int = 2
+    rollout_temperature: float = 1.0
+    revise_mode: str = "rewrite"  # the annotations judge's mode (rewrite keeps recall: wrong -> right)
+    train_batch: int = 16
+    # -- OPA-DPO: OPA LoRA-SFT, merge, DPO with the OPA loss, merge
+    opa_sft_steps: int = 60
+    opa_sft_lr: float = 2e-4
+    opa_dpo_steps: int = 120
+    opa_dpo_lr: float = 2e-4
+    opa_dpo_set: tuple[str, ...] = ()  # --set items for `hallu dpo --method opa-dpo`
+    # -- HA-DPO: DPO with its loss (LM term on the clean train captions), merge
+    ha_dpo_steps: int = 120
+    ha_dpo_lr: float = 2e-4
+    ha_dpo_set: tuple[str, ...] = ()
+    # -- the SFT-only control: the method's revised pairs, its total steps, plain LoRA SFT
+    control_lr: float = 2e-4
+    methods: tuple[str, ...] = METHOD_NAMES
+
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        """A small world and few steps: the integration test's variant (direction, not size, of changes)."""
+        return cls(images=300, base_steps=150, eval_images=40, rollout_n=2, train_batch=8,
+                   opa_sft_steps=20, opa_dpo_steps=30, ha_dpo_steps=30)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def check(self) -> None:
+        unknown = [m for m in self.methods if m not in METHOD_NAMES]
+        if unknown:
+            raise HalluError(f"demo: unknown method {unknown[0]!r} (known: {', '.join(METHOD_NAMES)})")
+
+    def method_steps(self, method: str) -> int:
+        """Training steps a method takes from the base (the control takes as many)."""
+        return self.opa_sft_steps + self.opa_dpo_steps if method == "opa-dpo" else self.ha_dpo_steps
+
+
+@dataclass
+class Demo:
+    """One demo folder being run: the config, the seed, and the stage timings as they happen."""
+
+    out: Path
+    config: DemoConfig
+    seed: int = 0
+    say: Callable[[str], None] = lambda msg: None
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds spent in this process
+    skipped: list[str] = field(default_factory=list)
+
+    # -- paths
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def heldout(self) -> Path:
+        return self.data / "demo" / "heldout-images"
+
+    @property
+    def train_prompts(self) -> Path:
+        return self.data / TRAIN_PROMPTS_FILE
+
+    @property
+    def base_model(self) -> Path:
+        return self.out / "base" / "model"
+
+    # -- stage bookkeeping
+
+    def _step(self, label: str, run_dir: Path, stage: str, work: Callable[[], None]) -> None:
+        """Run ``work`` unless ``stage`` of the run in ``run_dir`` is already done and not stale."""
+        from hallu.manifest import Run
+
+        run = Run(run_dir)
+        if run.path.exists():
+            views = {v.name: v for v in run.views()}
+            if stage in views and views[stage].status == "done":
+                self.skipped.append(label)
+                return
+        self.say(label)
+        t0 = time.perf_counter()
+        work()
+        self.timings[label] = round(time.perf_counter() - t0, 1)
+
+
+def check_config_file(out: Path, config: DemoConfig, seed: int) -> None:
+    """A demo folder belongs to one config and seed: a rerun with others would mix two demos' stages."""
+    from hallu.fileio import atomic_write_json, read_json
+
+    want = {"seed": seed, "config": config.to_dict()}
+    path = out / CONFIG_FILE
+    if path.exists():
+        have = read_json(path)
+        if have != want:
+            old = have.get("config", {}) if isinstance(have, dict) else {}
+            diff = sorted(k for k in set(old) | set(want["config"]) if old.get(k) != want["config"].get(k))
+            if isinstance(have, dict) and have.get("seed") != seed:
+                diff.insert(0, "seed")
+            raise HalluError(f"--out {out}: made by a demo with other settings ({', '.join(diff[:5])} differ); "
+                             "use a new --out folder or the same settings")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, want)
+
+
+def run_demo(out: Path, config: DemoConfig, seed: int = 0, say: Callable[[str], None] = lambda msg: None) -> dict:
+    """The whole loop; returns the report (also written as DIR/report.json, .md, .png)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    config.check()
+    out = Path(out)
+    check_config_file(out, config, seed)
+    demo = Demo(out, config, seed, say)
+    prepare_world(demo)
+    train_base(demo)
+    build_pope(demo)
+    evaluate(demo, "base", demo.base_model, out / "eval" / "base")
+    for method in config.methods:
+        run_method(demo, method)
+        run_control(demo, method)
+    from hallu import report
+
+    return report.write(demo)
+
+
+# --------------------------------------------------------------------------------------------------
+# The world, the initial model, the base
+
+
+def prepare_world(demo: Demo) -> None:
+    """`hallu prepare shapes` with the config's noise, plus the demo's two derived files."""
+    from hallu.data import shapes as world
+    from hallu.fileio import StagedDir
+    from hallu.manifest import Run
+
+    c = demo.config
+    noise = world.WorldNoise(caption_noise_p=c.caption_noise_p, qa_noise_p=c.qa_noise_p, in_group_p=c.in_group_p)
+    noise.check()
+
+    def build() -> None:
+        run = Run(demo.out, flag="--out")
+        options = {"dataset": "shapes", "images": c.images, "seed": demo.seed, "world_version": world.WORLD_VERSION,
+                   "noise": noise.to_dict()}
+        with run.stage("prepare", options=options) as st:
+            if demo.data.exists():
+                shutil.rmtree(demo.data)  # this folder is the demo's own: its config file pins the settings
+            with StagedDir(demo.data) as tmp:
+                summary = world.build_world(tmp, n_images=c.images, seed=demo.seed, noise=noise)
+                _derived_files(tmp)
+            st.output("prompts", demo.data / world.PROMPTS_FILE, count=summary["prompts"])
+            st.output("images", demo.data / "images", count=summary["images"])
+            st.output("annotations", demo.data / "annotations")
+            st.output("base_sft", demo.data / world.BASE_SFT_FILE, count=summary["base_sft"])
+            st.output("train_prompts", demo.train_prompts)
+            st.output("heldout_images", demo.data / "demo" / "heldout-images")
+            st.extra["summary"] = summary
+
+    demo._step("prepare: the shapes world", demo.out, "prepare", build)
+    init = demo.out / "models" / "init"
+    if not (init / "config.json").exists():
+        from hallu import tiny
+
+        with StagedDir(init) as tmp:
+            tiny.build_tiny_model("llava", tmp, corpus=world.tokenizer_corpus(), seed=demo.seed, size=c.model_size)
+
+
+def _derived_files(data: Path) -> None:
+    """The train split's caption prompts (rollout's input: never the held-out images) and a folder of
+    only the held-out images (CHAIR samples its captions from the folder it is given)."""
+    from hallu.data import shapes as world
+    from hallu.fileio import atomic_write_text, iter_jsonl
+
+    (data / "demo").mkdir(parents=True, exist_ok=True)
+    lines, held = [], data / "demo" / "heldout-images"
+    held.mkdir(exist_ok=True)
+    import json
+
+    for _, obj in iter_jsonl(data / world.PROMPTS_FILE):
+        split = obj.get("meta", {}).get("split")
+        if split == "train":
+            lines.append(json.dumps(obj, sort_keys=True))
+        elif split == "val":
+            for img in obj["images"]:
+                shutil.copyfile(data / img, held / Path(img).name)
+    atomic_write_text(data / TRAIN_PROMPTS_FILE, "".join(line + "\n" for line in lines))
+
+
+def train_base(demo: Demo) -> None:
+    """`hallu sft --full` on the noisy train labels: a captioner/answerer with the co-occurrence prior."""
+    from hallu.data import shapes as world
+    from hallu.manifest import Run
+    from hallu.train.sft import SftOptions, run_sft
+
+    c = demo.config
+    opts = SftOptions(method="sft", lora=False, max_steps=c.base_steps, batch_size=c.base_batch,
+                      learning_rate=c.base_lr, max_length=None, save_steps=max(50, c.base_steps // 4),
+                      logging_steps=max(10, c.base_steps // 20), seed=demo.seed)
+    demo._step("sft: the base (full, noisy labels)", demo.out, "sft",
+               lambda: run_sft(Run(demo.out), demo.out / "models" / "init", demo.data / world.BASE_SFT_FILE,
+                               demo.out / "base", opts))
+
+
+def build_pope(demo: Demo) -> None:
+    """POPE's three splits from the held-out images' annotations (the official sampler)."""
+    from hallu.data import pope as pope_data
+
+    if all((demo.out / "pope" / f"shapes_pope_{s}.json").exists() for s in pope_data.SPLITS):
+        return
+    entries = pope_data.read_objects_file(demo.data / "pope" / "objects.jsonl")
+    eligible = sum(len(e.objects) >= pope_data.DEFAULT_SAMPLE_NUM for e in entries)
+    if not eligible:
+        raise HalluError(f"demo: no held-out image has {pope_data.DEFAULT_SAMPLE_NUM} objects for POPE; "
+                         "use more --images")
+    built = pope_data.build(entries, seed=demo.seed, images_per_split=min(demo.config.eval_images, eligible))
+    pope_data.write_build(built, demo.out / "pope", dataset="shapes")
+
+
+def pope_questions(demo: Demo) -> list[Path]:
+    from hallu.data import pope as pope_data
+
+    return [demo.out / "pope" / f"shapes_pope_{s}.json" for s in pope_data.SPLITS]
+
+
+def evaluate(demo: Demo, label: str, model: Path, where: Path) -> None:
+    """POPE (three splits) and CHAIR of ``model`` on the held-out images, into ``where/{pope,chair}``."""
+    from hallu.evals import chair, pope
+
+    c = demo.config
+    knobs = dict(batch_size=c.eval_batch, device="auto", dtype="float32", attn="sdpa", trust_remote_code=False)
+    demo._step(f"eval pope: {label}", where / "pope", "eval-pope",
+               lambda: pope.evaluate_model(pope_questions(demo), model, demo.heldout, where / "pope",
+                                           "pope-official", False,
+                                           dict(knobs, mode="generate", max_new_tokens=4, answer_suffix="none")))
+    demo._step(f"eval chair: {label}", where / "chair", "eval-chair",
+               lambda: chair.evaluate_model(model, demo.heldout, demo.data / "annotations", where / "chair", False,
+                                            dict(knobs, max_new_tokens=c.caption_tokens), n_images=c.eval_images,
+                                            seed=demo.seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# Methods and controls
+
+
+def method_dir(demo: Demo, method: str) -> Path:
+    return demo.out / "methods" / method
+
+
+def rollout_and_revise(demo: Demo, method: str, run_dir: Path) -> None:
+    from hallu.manifest import Run
+    from hallu.models import LoadOptions
+    from hallu.revise import ReviseOptions, revise
+    from hallu.rollout import RolloutOptions, rollout
+
+    c = demo.config
+    ropts = RolloutOptions(n=c.rollout_n, max_new_tokens=c.caption_tokens, temperature=c.rollout_temperature,
+                           batch_size=64, seed=demo.seed, load=LoadOptions(dtype="float32"))
+    demo._step(f"{method}: rollout", run_dir, "rollout",
+               lambda: rollout(Run(run_dir), demo.base_model, demo.train_prompts, ropts))
+    vopts = ReviseOptions(judge="annotations", method=method, judge_options={"mode": c.revise_mode}, batch_size=64)
+    demo._step(f"{method}: revise", run_dir, "revise", lambda: revise(Run(run_dir), vopts))
+
+
+def merge_step(demo: Demo, label: str, run_dir: Path, stage: str, adapter: Path, out: Path) -> None:
+    """`hallu merge-lora`, recorded as a stage of the sub-run (the command itself keeps no manifest)."""
+    from hallu.manifest import Run
+    from hallu.train.merge import merge_lora
+
+    def work() -> None:
+        run = Run(run_dir)
+        with run.stage(stage, options={"dtype": "float32", "out": out.name}, inputs={"adapter": adapter}) as st:
+            merge_lora(adapter, out, dtype="float32")
+            st.output("model", out)
+
+    demo._step(label, run_dir, stage, work)
+
+
+def run_method(demo: Demo, method: str) -> None:
+    from hallu.manifest import Run
+    from hallu.train.dpo import DpoOptions, run_dpo
+    from hallu.train.sft import SftOptions, run_sft
+
+    c = demo.config
+    d = method_dir(demo, method)
+    rollout_and_revise(demo, method, d)
+    start = demo.base_model
+    if method == "opa-dpo":
+        sopts = SftOptions(method="opa-dpo", lora=True, max_steps=c.opa_sft_steps, batch_size=c.train_batch,
+                           learning_rate=c.opa_sft_lr, max_length=None, save_steps=max(20, c.opa_sft_steps // 2),
+                           seed=demo.seed)
+        demo._step(f"{method}: OPA LoRA-SFT", d, "sft",
+                   lambda: run_sft(Run(d), start, None, d / "sft", sopts))
+        merge_step(demo, f"{method}: merge-lora (OPA)", d, "merge-lora.sft", d / "sft" / "adapter", d / "opa-model")
+        start = d / "opa-model"
+        steps, lr, items = c.opa_dpo_steps, c.opa_dpo_lr, list(c.opa_dpo_set)
+        sft_data = None
+    else:
+        steps, lr, items = c.ha_dpo_steps, c.ha_dpo_lr, list(c.ha_dpo_set)
+        sft_data = demo.train_prompts  # HA-DPO's LM term: the clean train captions
+    dopts = DpoOptions(method=method, lora=True, max_steps=steps, batch_size=c.train_batch,
+                       save_steps=max(20, steps // 2), seed=demo.seed, dtype="float32",
+                       set_items=[f"learning_rate={lr}", *items], sft_data=sft_data)
+    demo._step(f"{method}: dpo", d, "dpo",
+               lambda: run_dpo(Run(d), start, None, d / "dpo", dopts, warn=demo.say))
+    merge_step(demo, f"{method}: merge-lora (DPO)", d, "merge-lora", d / "dpo" / "adapter", d / "model")
+    evaluate(demo, method, d / "model", d / "eval")
+
+
+def run_control(demo: Demo, method: str) -> None:
+    """Plain LoRA SFT from the base on the method's revised pairs, for as many steps as the method took."""
+    from hallu.manifest import Run
+    from hallu.train.sft import PRESETS, SftOptions, run_sft
+
+    c = demo.config
+    d = method_dir(demo, method)
+    cd = d / "control"
+    pairs = d / "revise" / "pairs.jsonl"
+    steps = c.method_steps(method)
+    sopts = SftOptions(method=method if method in PRESETS else "sft", lora=True, max_steps=steps,
+                       batch_size=c.train_batch, learning_rate=c.control_lr, max_length=None,
+                       save_steps=max(20, steps // 2), seed=demo.seed)
+    demo._step(f"{method}: control SFT", cd, "sft", lambda: run_sft(Run(cd), demo.base_model, pairs, cd / "sft", sopts))
+    merge_step(demo, f"{method}: control merge-lora", cd, "merge-lora", cd / "sft" / "adapter", cd / "model")
+    evaluate(demo, f"{method} control", cd / "model", cd / "eval")
