@@ -209,6 +209,8 @@ def _pair(pid: str, prompt: Prompt, images: dict[str, list[str]], chosen: str, r
     question, history = _question(prompt, resp)
     if history:
         meta = {**meta, "turn": _turn(resp), "history": history}
+    if prompt.meta.get("split") is not None:  # the training stages skip held-out splits (hallu.records.is_held_out)
+        meta = {**meta, "split": prompt.meta["split"]}
     return PreferencePair(id=pid, images=list(images.get(prompt.id, prompt.images)), prompt=question,
                           chosen=chosen, rejected=rejected, meta=meta)
 

@@ -374,6 +374,15 @@ def user_content(text: str, n_images: int) -> list[dict]:
     return parts
 
 
+def is_held_out(meta: dict) -> bool:
+    """Whether a record belongs to an evaluation split (``meta.split`` other than ``train``).
+
+    The one rule for every training stage: prompts, pairs and SFT records of a held-out split are never
+    trained on, because POPE and CHAIR score those images. Records without a split (imported data) train.
+    """
+    return meta.get("split") not in (None, "train")
+
+
 def user_messages(text: str, n_images: int) -> list[dict]:
     return [{"role": "user", "content": user_content(text, n_images)}]
 

@@ -389,7 +389,10 @@ def test_opa_pairs_load_in_the_dpo_trainer(world, tmp_path):
     assert cli("revise", "--run", run, "--responses", resp, "--method", "opa-dpo").exit_code == 0
     spec = get_method("opa-dpo")
     loaded = load_pairs(run / "revise" / "pairs.jsonl", spec, spec.options())
-    assert len(loaded) == 2 * len(prompts)
+    # every prompt's two answers make pairs; the trainer keeps those of the training images only
+    train = [p for p in prompts if p.meta.get("split") in (None, "train")]
+    assert 0 < len(train) < len(prompts)
+    assert len(loaded) == 2 * len(train)
     assert all(p.meta["revised"] and p.meta["gt"] == p.chosen for p, _ in loaded)
 
 

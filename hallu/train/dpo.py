@@ -30,7 +30,7 @@ from typing import Any
 
 from hallu.errors import HalluError
 from hallu.methods import MethodSpec, get_method, split_set_items
-from hallu.records import PreferencePair, load_image, read_records, resolve_image
+from hallu.records import PreferencePair, is_held_out, load_image, read_records, resolve_image
 
 REFERENCES = ("precomputed", "adapter-off")
 
@@ -112,9 +112,14 @@ def load_pairs(path: Path, spec: MethodSpec, method_opts) -> list[tuple[Preferen
     pairs = read_records(path, PreferencePair)
     if not pairs:
         raise HalluError(f"--pairs {path}: no pairs in the file")
+    if all(is_held_out(p.meta) for p in pairs):
+        raise HalluError(f"--pairs {path}: every pair is on a held-out split (meta.split), and those are never "
+                         "trained on")
     out = []
     for line, p in enumerate(pairs, 1):
         where = f"{path}:{line}"
+        if is_held_out(p.meta):
+            continue  # built on a held-out image, which the evals score: never trained on
         if spec.name == "ha-dpo":
             from hallu.methods.ha_dpo import expand_variants
 

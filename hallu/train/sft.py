@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hallu.errors import HalluError
-from hallu.records import IMAGE_TAG, resolve_image, user_messages
+from hallu.records import IMAGE_TAG, is_held_out, resolve_image, user_messages
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,8 @@ def load_examples(path: str | os.PathLike, with_gt: bool = False) -> list[SftExa
             raise HalluError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         if "chosen" in obj:
             pair = PreferencePair.from_dict(obj, where)
+            if is_held_out(pair.meta):
+                continue  # a pair built on a held-out image: the evals score it
             images = [str(resolve_image(i, base)) for i in pair.images]
             found = [SftExample(pair.id, images, pair.prompt, pair.chosen)]
             gt = pair.meta.get("gt")
@@ -176,7 +178,7 @@ def load_examples(path: str | os.PathLike, with_gt: bool = False) -> list[SftExa
                 found.append(SftExample(f"{pair.id}#gt", images, pair.prompt, gt))
         elif "question" in obj:
             prompt = Prompt.from_dict(obj, where)
-            if prompt.meta.get("split") not in (None, "train"):
+            if is_held_out(prompt.meta):
                 continue  # never train on what the evals hold out
             if not prompt.reference:
                 raise HalluError(f"{where}: prompt {prompt.id!r} has no 'reference' answer to train on")
