@@ -50,10 +50,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """`hallu demo`: the whole loop on the offline shapes world."""
+    """`hallu demo`: the whole loop on the offline shapes world (report in runs/demo; a rerun resumes).
+
+    `nox -s demo -- --quick` runs the small variant; any flag after `--` goes to `hallu demo`."""
     session.install(TORCH)
     session.install(".")
-    session.run("hallu", "demo", "--out", str(session.create_tmp()) + "/demo", env={"HF_HUB_OFFLINE": "1"})
+    session.run("hallu", "demo", "--out", "runs/demo", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 
 @nox.session
