@@ -84,6 +84,10 @@ CAPTION_NOISE_P = 0.15  # meta["noisy_reference"]: chance of slipping in one abs
 QA_NOISE_P = 0.0  # meta["noisy_label"]: chance that a same-group ("adversarial") absent object is labelled yes
 QA_POSITIVES_MAX = 2  # yes/no questions per image: up to this many "yes", as many "no"
 VAL_EVERY = 5  # image k is in the val split when k % VAL_EVERY == 0
+# base_sft.jsonl: yes/no questions per train image (the first "yes" and its "no", same-group first), so
+# captions are about a third of the examples; with all of qa.jsonl's they were a fifth and the base model
+# saw too few captions in a CPU budget to learn to see.
+BASE_SFT_QA = 2
 
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")  # reading order
 COLOURS = {  # name -> RGB; no "orange": it is a COCO category
@@ -599,7 +603,7 @@ def build_world(out_dir: Path, n_images: int, seed: int, noise: WorldNoise | Non
                  for _, _, kind in items]
         for j, ((obj, label, kind), flip) in enumerate(zip(items, flips, strict=True)):
             noisy_label = "yes" if obj in noise_objs or flip else label
-            if split == "train":
+            if split == "train" and j < BASE_SFT_QA:
                 noisy["train_qa"] += 1
                 noisy["qa_flipped"] += noisy_label != label
                 base_sft.append({"id": f"{base_id}_q{j}", "images": [rel], "prompt": _question(obj),

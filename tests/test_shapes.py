@@ -386,8 +386,11 @@ def test_default_noise_is_recorded_and_base_sft_follows_the_noisy_fields(world):
     rows = _lines(root / shapes.BASE_SFT_FILE)
     assert len(rows) == s["base_sft"]
     n_train = sum(p.meta["split"] == "train" for p in prompts.values())
-    n_train_qa = sum(q.meta["split"] == "train" for q in qa.values())
+    n_train_qa = sum(q.meta["split"] == "train" and int(q.id.rsplit("_q", 1)[1]) < shapes.BASE_SFT_QA
+                     for q in qa.values())
     assert len(rows) == n_train + n_train_qa  # train split only: the evals' images never appear
+    answers = Counter(r["completion"] for r in rows if r["id"] not in prompts)
+    assert answers["Yes"] >= answers["No"] > 0.8 * answers["Yes"]  # one yes and one no per image (noise aside)
     for row in rows:
         rec = prompts.get(row["id"]) or qa[row["id"]]
         assert rec.meta["split"] == "train" and row["images"] == rec.images and row["prompt"] == rec.question
@@ -459,3 +462,27 @@ def test_bad_noise_settings_name_the_setting(tmp_path, field, value):
     with pytest.raises(HalluError, match=field):
         shapes.build_world(tmp_path / "bad", n_images=3, seed=0, noise=shapes.WorldNoise(**{field: value}))
     assert not (tmp_path / "bad" / "images").exists() or not any((tmp_path / "bad" / "images").iterdir())
+
+
+def test_prepare_shapes_noise_options_reach_the_world_and_the_manifest(tmp_path):
+    from typer.testing import CliRunner
+
+    from hallu.commands import app
+    from hallu.manifest import Run
+
+    run = tmp_path / "run"
+    args = ["prepare", "shapes", "--out", str(run), "--images", "30", "--seed", "2"]
+    r = CliRunner().invoke(app, [*args, "--caption-noise", "0.4", "--qa-noise", "0.2", "--in-group", "0.7"])
+    assert r.exit_code == 0, r.output
+    w = json.loads((run / "data" / shapes.WORLD_FILE).read_text())
+    assert w["noise"] == {"caption_noise_p": 0.4, "qa_noise_p": 0.2, "in_group_p": 0.7}
+    rec = Run(run).stage_record("prepare")
+    assert rec["options"]["noise"] == w["noise"]
+    assert rec["outputs"]["base_sft"]["count"] == len(_lines(run / "data" / shapes.BASE_SFT_FILE))
+    bad = CliRunner().invoke(app, [*args[:3], str(tmp_path / "bad"), *args[4:], "--qa-noise", "1.5"])
+    assert bad.exit_code == 2 and "--qa-noise" in bad.output
+    assert not (tmp_path / "bad").exists()
+    # The default settings leave the recorded options as they were before the noise options existed.
+    r = CliRunner().invoke(app, ["prepare", "shapes", "--out", str(tmp_path / "plain"), "--images", "5"])
+    assert r.exit_code == 0, r.output
+    assert "noise" not in Run(tmp_path / "plain").stage_record("prepare")["options"]
