@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,13 +102,12 @@ class DemoConfig:
 
 @dataclass
 class Demo:
-    """One demo folder being run: the config, the seed, and the stage timings as they happen."""
+    """One demo folder being run: the config, the seed, and the stages this process found done."""
 
     out: Path
     config: DemoConfig
     seed: int = 0
     say: Callable[[str], None] = lambda msg: None
-    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds spent in this process
     skipped: list[str] = field(default_factory=list)
 
     # -- paths
@@ -131,8 +129,9 @@ class Demo:
 
     # -- stage bookkeeping
 
-    def _step(self, label: str, run_dir: Path, stage: str, work: Callable[[], None]) -> None:
-        """Run ``work`` unless ``stage`` of the run in ``run_dir`` is already done and not stale."""
+    def step(self, label: str, run_dir: Path, stage: str, work: Callable[[], None]) -> None:
+        """Run ``work`` unless ``stage`` of the run in ``run_dir`` is already done and not stale (a stage
+        that is running, failed or stale runs again, and resumes what its last attempt left)."""
         from hallu.manifest import Run
 
         run = Run(run_dir)
@@ -142,9 +141,7 @@ class Demo:
                 self.skipped.append(label)
                 return
         self.say(label)
-        t0 = time.perf_counter()
         work()
-        self.timings[label] = round(time.perf_counter() - t0, 1)
 
 
 def check_config_file(out: Path, config: DemoConfig, seed: int) -> None:
@@ -187,6 +184,8 @@ def run_demo(out: Path, config: DemoConfig, seed: int = 0, say: Callable[[str], 
     for method in config.methods:
         run_method(demo, method)
         run_control(demo, method)
+    if demo.skipped:
+        say(f"resumed: {len(demo.skipped)} finished stages were not run again")
     from hallu import report
 
     return report.write(demo)
@@ -224,7 +223,7 @@ def prepare_world(demo: Demo) -> None:
             st.output("heldout_images", demo.data / "demo" / "heldout-images")
             st.extra["summary"] = summary
 
-    demo._step("prepare: the shapes world", demo.out, "prepare", build)
+    demo.step("prepare: the shapes world", demo.out, "prepare", build)
     init = demo.out / "models" / "init"
     if not (init / "config.json").exists():
         from hallu import tiny
@@ -262,7 +261,7 @@ def train_base(demo: Demo) -> None:
     opts = SftOptions(method="sft", lora=False, max_steps=c.base_steps, batch_size=c.base_batch,
                       learning_rate=c.base_lr, max_length=None, save_steps=max(50, c.base_steps // 4),
                       logging_steps=max(10, c.base_steps // 20), seed=demo.seed, overrides=dict(c.base_overrides))
-    demo._step("sft: the base (full, noisy labels)", demo.out, "sft",
+    demo.step("sft: the base (full, noisy labels)", demo.out, "sft",
                lambda: run_sft(Run(demo.out), demo.out / "models" / "init", demo.data / world.BASE_SFT_FILE,
                                demo.out / "base", opts))
 
@@ -294,11 +293,11 @@ def evaluate(demo: Demo, label: str, model: Path, where: Path) -> None:
 
     c = demo.config
     knobs = dict(batch_size=c.eval_batch, device="auto", dtype="float32", attn="sdpa", trust_remote_code=False)
-    demo._step(f"eval pope: {label}", where / "pope", "eval-pope",
+    demo.step(f"eval pope: {label}", where / "pope", "eval-pope",
                lambda: pope.evaluate_model(pope_questions(demo), model, demo.heldout, where / "pope",
                                            "pope-official", False,
                                            dict(knobs, mode="generate", max_new_tokens=4, answer_suffix="none")))
-    demo._step(f"eval chair: {label}", where / "chair", "eval-chair",
+    demo.step(f"eval chair: {label}", where / "chair", "eval-chair",
                lambda: chair.evaluate_model(model, demo.heldout, demo.data / "annotations", where / "chair", False,
                                             dict(knobs, max_new_tokens=c.caption_tokens), n_images=c.eval_images,
                                             seed=demo.seed))
@@ -321,10 +320,10 @@ def rollout_and_revise(demo: Demo, method: str, run_dir: Path) -> None:
     c = demo.config
     ropts = RolloutOptions(n=c.rollout_n, max_new_tokens=c.caption_tokens, temperature=c.rollout_temperature,
                            batch_size=64, seed=demo.seed, load=LoadOptions(dtype="float32"))
-    demo._step(f"{method}: rollout", run_dir, "rollout",
+    demo.step(f"{method}: rollout", run_dir, "rollout",
                lambda: rollout(Run(run_dir), demo.base_model, demo.train_prompts, ropts))
     vopts = ReviseOptions(judge="annotations", method=method, judge_options={"mode": c.revise_mode}, batch_size=64)
-    demo._step(f"{method}: revise", run_dir, "revise", lambda: revise(Run(run_dir), vopts))
+    demo.step(f"{method}: revise", run_dir, "revise", lambda: revise(Run(run_dir), vopts))
 
 
 def merge_step(demo: Demo, label: str, run_dir: Path, stage: str, adapter: Path, out: Path) -> None:
@@ -338,7 +337,7 @@ def merge_step(demo: Demo, label: str, run_dir: Path, stage: str, adapter: Path,
             merge_lora(adapter, out, dtype="float32")
             st.output("model", out)
 
-    demo._step(label, run_dir, stage, work)
+    demo.step(label, run_dir, stage, work)
 
 
 def run_method(demo: Demo, method: str) -> None:
@@ -354,7 +353,7 @@ def run_method(demo: Demo, method: str) -> None:
         sopts = SftOptions(method="opa-dpo", lora=True, max_steps=c.opa_sft_steps, batch_size=c.train_batch,
                            learning_rate=c.opa_sft_lr, max_length=None, save_steps=max(20, c.opa_sft_steps // 2),
                            seed=demo.seed)
-        demo._step(f"{method}: OPA LoRA-SFT", d, "sft",
+        demo.step(f"{method}: OPA LoRA-SFT", d, "sft",
                    lambda: run_sft(Run(d), start, None, d / "sft", sopts))
         merge_step(demo, f"{method}: merge-lora (OPA)", d, "merge-lora.sft", d / "sft" / "adapter", d / "opa-model")
         start = d / "opa-model"
@@ -366,7 +365,7 @@ def run_method(demo: Demo, method: str) -> None:
     dopts = DpoOptions(method=method, lora=True, max_steps=steps, batch_size=c.train_batch,
                        save_steps=max(20, steps // 2), seed=demo.seed, dtype="float32",
                        set_items=[f"learning_rate={lr}", *items], sft_data=sft_data)
-    demo._step(f"{method}: dpo", d, "dpo",
+    demo.step(f"{method}: dpo", d, "dpo",
                lambda: run_dpo(Run(d), start, None, d / "dpo", dopts, warn=demo.say))
     merge_step(demo, f"{method}: merge-lora (DPO)", d, "merge-lora", d / "dpo" / "adapter", d / "model")
     evaluate(demo, method, d / "model", d / "eval")
@@ -385,6 +384,6 @@ def run_control(demo: Demo, method: str) -> None:
     sopts = SftOptions(method=method if method in PRESETS else "sft", lora=True, max_steps=steps,
                        batch_size=c.train_batch, learning_rate=c.control_lr, max_length=None,
                        save_steps=max(20, steps // 2), seed=demo.seed)
-    demo._step(f"{method}: control SFT", cd, "sft", lambda: run_sft(Run(cd), demo.base_model, pairs, cd / "sft", sopts))
+    demo.step(f"{method}: control SFT", cd, "sft", lambda: run_sft(Run(cd), demo.base_model, pairs, cd / "sft", sopts))
     merge_step(demo, f"{method}: control merge-lora", cd, "merge-lora", cd / "sft" / "adapter", cd / "model")
     evaluate(demo, f"{method} control", cd / "model", cd / "eval")
