@@ -15,9 +15,10 @@ Layout of the demo folder ``DIR`` (every stage is a real hallu stage with its ma
     DIR/report.json, report.md, report.png, timings.json
 
 A rerun reads each manifest and skips every stage that is done and not stale, so a demo killed
-anywhere resumes where it stopped (a killed stage resumes itself: shards for rollout and evals,
-checkpoints for training) and ends with the same report. Wall times live in ``timings.json`` and
-``report.md``, never in ``report.json``, so two runs with one seed give byte-identical report.json.
+anywhere resumes where it stopped (rollout and evals resume item by item from their shards; a training
+stage that was cut trains again from its start, see :func:`fresh_training`) and ends with the same
+report. Wall times live in ``timings.json`` and ``report.md``, never in ``report.json``, so two runs
+with one seed give byte-identical report.json.
 
 Every number the demo uses comes from one :class:`DemoConfig`.
 """
@@ -89,6 +90,19 @@ class DemoConfig:
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples become lists, as demo.json holds them
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DemoConfig:
+        """The config :meth:`to_dict` wrote (demo.json's ``config``); an unknown key is named."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise HalluError(f"demo config: unknown setting {unknown[0]!r}")
+
+        def tupled(v):
+            return tuple(tupled(x) for x in v) if isinstance(v, list) else v
+
+        return cls(**{k: tupled(v) for k, v in d.items()})
 
     def check(self) -> None:
         unknown = [m for m in self.methods if m not in METHOD_NAMES]
@@ -192,6 +206,23 @@ def run_demo(out: Path, config: DemoConfig, seed: int = 0, say: Callable[[str], 
 
 
 # --------------------------------------------------------------------------------------------------
+# Training stages
+
+
+def fresh_training(out_dir: Path) -> Path:
+    """Drop an interrupted training stage's checkpoints, so it trains again from its start.
+
+    Why: resuming the Trainer from a checkpoint does not give the uninterrupted run's weights byte for
+    byte here (measured: the base resumed from its step-24 checkpoint, at an epoch boundary, changed the
+    report), and the demo promises the same report after a kill. Stages that finished are skipped, and
+    rollout and evaluations still resume item by item; only the one training stage that was cut repeats.
+    `hallu sft` / `hallu dpo` used on their own keep resuming from checkpoints.
+    """
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------------
 # The world, the initial model, the base
 
 
@@ -258,12 +289,16 @@ def train_base(demo: Demo) -> None:
     from hallu.train.sft import SftOptions, run_sft
 
     c = demo.config
-    opts = SftOptions(method="sft", lora=False, max_steps=c.base_steps, batch_size=c.base_batch,
-                      learning_rate=c.base_lr, max_length=None, save_steps=max(50, c.base_steps // 4),
-                      logging_steps=max(10, c.base_steps // 20), seed=demo.seed, overrides=dict(c.base_overrides))
-    demo.step("sft: the base (full, noisy labels)", demo.out, "sft",
-               lambda: run_sft(Run(demo.out), demo.out / "models" / "init", demo.data / world.BASE_SFT_FILE,
-                               demo.out / "base", opts))
+    data = demo.data / world.BASE_SFT_FILE
+
+    def work() -> None:
+        opts = SftOptions(method="sft", lora=False, max_steps=c.base_steps, batch_size=c.base_batch,
+                          learning_rate=c.base_lr, max_length=None,
+                          save_steps=c.base_steps,
+                          logging_steps=max(10, c.base_steps // 20), seed=demo.seed, overrides=dict(c.base_overrides))
+        run_sft(Run(demo.out), demo.out / "models" / "init", data, fresh_training(demo.out / "base"), opts)
+
+    demo.step("sft: the base (full, noisy labels)", demo.out, "sft", work)
 
 
 def build_pope(demo: Demo) -> None:
@@ -348,13 +383,16 @@ def run_method(demo: Demo, method: str) -> None:
     c = demo.config
     d = method_dir(demo, method)
     rollout_and_revise(demo, method, d)
+    pairs = d / "revise" / "pairs.jsonl"
     start = demo.base_model
     if method == "opa-dpo":
-        sopts = SftOptions(method="opa-dpo", lora=True, max_steps=c.opa_sft_steps, batch_size=c.train_batch,
-                           learning_rate=c.opa_sft_lr, max_length=None, save_steps=max(20, c.opa_sft_steps // 2),
-                           seed=demo.seed)
-        demo.step(f"{method}: OPA LoRA-SFT", d, "sft",
-                   lambda: run_sft(Run(d), start, None, d / "sft", sopts))
+        def opa_sft() -> None:
+            sopts = SftOptions(method="opa-dpo", lora=True, max_steps=c.opa_sft_steps, batch_size=c.train_batch,
+                               learning_rate=c.opa_sft_lr, max_length=None, seed=demo.seed,
+                               save_steps=c.opa_sft_steps)
+            run_sft(Run(d), start, None, fresh_training(d / "sft"), sopts)
+
+        demo.step(f"{method}: OPA LoRA-SFT", d, "sft", opa_sft)
         merge_step(demo, f"{method}: merge-lora (OPA)", d, "merge-lora.sft", d / "sft" / "adapter", d / "opa-model")
         start = d / "opa-model"
         steps, lr, items = c.opa_dpo_steps, c.opa_dpo_lr, list(c.opa_dpo_set)
@@ -362,11 +400,15 @@ def run_method(demo: Demo, method: str) -> None:
     else:
         steps, lr, items = c.ha_dpo_steps, c.ha_dpo_lr, list(c.ha_dpo_set)
         sft_data = demo.train_prompts  # HA-DPO's LM term: the clean train captions
-    dopts = DpoOptions(method=method, lora=True, max_steps=steps, batch_size=c.train_batch,
-                       save_steps=max(20, steps // 2), seed=demo.seed, dtype="float32",
-                       set_items=[f"learning_rate={lr}", *items], sft_data=sft_data)
-    demo.step(f"{method}: dpo", d, "dpo",
-               lambda: run_dpo(Run(d), start, None, d / "dpo", dopts, warn=demo.say))
+    set_items = [f"learning_rate={lr}", *items]
+
+    def dpo() -> None:
+        dopts = DpoOptions(method=method, lora=True, max_steps=steps, batch_size=c.train_batch,
+                           save_steps=steps, seed=demo.seed, dtype="float32", set_items=set_items,
+                           sft_data=sft_data)
+        run_dpo(Run(d), start, pairs, fresh_training(d / "dpo"), dopts, warn=demo.say)
+
+    demo.step(f"{method}: dpo", d, "dpo", dpo)
     merge_step(demo, f"{method}: merge-lora (DPO)", d, "merge-lora", d / "dpo" / "adapter", d / "model")
     evaluate(demo, method, d / "model", d / "eval")
 
@@ -381,9 +423,14 @@ def run_control(demo: Demo, method: str) -> None:
     cd = d / "control"
     pairs = d / "revise" / "pairs.jsonl"
     steps = c.method_steps(method)
-    sopts = SftOptions(method=method if method in PRESETS else "sft", lora=True, max_steps=steps,
-                       batch_size=c.train_batch, learning_rate=c.control_lr, max_length=None,
-                       save_steps=max(20, steps // 2), seed=demo.seed)
-    demo.step(f"{method}: control SFT", cd, "sft", lambda: run_sft(Run(cd), demo.base_model, pairs, cd / "sft", sopts))
+    preset = method if method in PRESETS else "sft"
+
+    def work() -> None:
+        sopts = SftOptions(method=preset, lora=True, max_steps=steps, batch_size=c.train_batch,
+                           learning_rate=c.control_lr, max_length=None, seed=demo.seed,
+                           save_steps=steps)
+        run_sft(Run(cd), demo.base_model, pairs, fresh_training(cd / "sft"), sopts)
+
+    demo.step(f"{method}: control SFT", cd, "sft", work)
     merge_step(demo, f"{method}: control merge-lora", cd, "merge-lora", cd / "sft" / "adapter", cd / "model")
     evaluate(demo, f"{method} control", cd / "model", cd / "eval")

@@ -1,15 +1,17 @@
 """`hallu demo`: the report's arithmetic (units), and `hallu demo --quick` end to end (integration).
 
-The integration tests run the whole loop twice (once straight through, once killed inside OPA-DPO's DPO
-stage and resumed), so they are marked slow.
+The integration tests run `--quick` once (the direction of each change) and a smaller loop twice (straight
+through, and killed twice then resumed: the same report.json byte for byte), so they are marked slow.
 """
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -104,6 +106,13 @@ def test_a_demo_folder_refuses_other_settings(tmp_path):
         check_config_file(tmp_path, DemoConfig.quick(), 1)
 
 
+def test_config_round_trips_through_its_dict():
+    c = DemoConfig.quick()
+    assert DemoConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(HalluError, match="unknown setting 'base_stepz'"):
+        DemoConfig.from_dict({"base_stepz": 3})
+
+
 def test_cli_names_an_unknown_method_in_one_line(tmp_path, monkeypatch):
     import dataclasses
 
@@ -164,27 +173,50 @@ def test_quick_demo_report_shape_and_direction(quick_demo):
         assert states == {"rollout": "done", "revise": "done", "dpo": "done"}, (sub, states)
 
 
-@pytest.mark.slow
-def test_quick_demo_killed_midway_resumes_to_the_same_report(quick_demo, tmp_path):
-    full, _ = quick_demo
-    out = tmp_path / "killed"
+# A smaller loop than --quick for the resume test: byte-identity, not direction, is what it checks.
+MICRO = dataclasses.replace(DemoConfig.quick(), images=150, base_steps=120, eval_images=20, opa_sft_steps=6,
+                            opa_dpo_steps=40, ha_dpo_steps=6)
+_RUN_MICRO = ("import json, sys; from pathlib import Path; from hallu.demo import DemoConfig, run_demo; "
+              "run_demo(Path(sys.argv[1]), DemoConfig.from_dict(json.loads(sys.argv[2])))")
+
+
+def _stage_progress(manifest: Path, stage: str) -> int:
+    try:
+        rec = json.loads(manifest.read_text())["stages"].get(stage) or {}
+    except (OSError, ValueError):  # not written yet
+        return 0
+    return (rec.get("progress") or {}).get("done", 0) if rec.get("status") == "running" else 0
+
+
+def _run_until(out: Path, manifest: str, stage: str, steps: int) -> None:
+    """Start the micro demo in a process of its own; SIGKILL it once ``stage`` of ``manifest`` has trained
+    ``steps`` steps (mid-stage: the demo must not depend on where it was cut)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "hallu", "demo", "--quick", "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill it inside OPA-DPO's DPO stage, once its first checkpoint is on disk (mid-training, not at a boundary).
-    checkpoints = out / "methods" / "opa-dpo" / "dpo" / "checkpoints"
-    deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None:
-        if any(checkpoints.glob("checkpoint-*/trainer_state.json")):
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, "the demo ended before it could be killed"
+    proc = subprocess.Popen([sys.executable, "-c", _RUN_MICRO, str(out), json.dumps(MICRO.to_dict())], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and _stage_progress(out / manifest, stage) < steps:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the demo ended before {stage} reached step {steps}: " \
+                                f"{proc.stderr.read().decode()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+@pytest.mark.slow
+def test_demo_killed_twice_midway_resumes_to_the_same_report(tmp_path):
+    from hallu.demo import run_demo
+
+    straight = tmp_path / "straight"
+    run_demo(straight, MICRO)
+    out = tmp_path / "killed"
+    # killed inside the base's full SFT, then inside OPA-DPO's DPO training
+    _run_until(out, "manifest.json", "sft", 30)
+    _run_until(out, "methods/opa-dpo/manifest.json", "dpo", 10)
     assert not (out / "report.json").exists()
-    r = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    assert (out / "report.json").read_bytes() == (full / "report.json").read_bytes()
-    # the stages finished before the kill were not run again
-    rec = json.loads((out / "manifest.json").read_text())["stages"]["sft"]
-    assert rec["attempts"] == 1
+    run_demo(out, MICRO)
+    assert (out / "report.json").read_bytes() == (straight / "report.json").read_bytes()
+    top = json.loads((out / "manifest.json").read_text())["stages"]
+    assert top["prepare"]["attempts"] == 1 and top["sft"]["attempts"] == 2  # finished stages are not redone
+    sub = json.loads((out / "methods" / "opa-dpo" / "manifest.json").read_text())["stages"]
+    assert sub["rollout"]["attempts"] == 1 and sub["dpo"]["attempts"] == 2
