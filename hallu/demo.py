@@ -143,17 +143,22 @@ class Demo:
 
     # -- stage bookkeeping
 
-    def step(self, label: str, run_dir: Path, stage: str, work: Callable[[], None]) -> None:
+    def step(self, label: str, run_dir: Path, stage: str, work: Callable[[], None],
+             model: Path | None = None) -> None:
         """Run ``work`` unless ``stage`` of the run in ``run_dir`` is already done and not stale (a stage
-        that is running, failed or stale runs again, and resumes what its last attempt left)."""
-        from hallu.manifest import Run
+        that is running, failed or stale runs again, and resumes what its last attempt left). ``model``:
+        an evaluation, done only while it was made of this model's current weights (eval stages record
+        the model's fingerprint among their options, not as an input, so staleness alone misses it)."""
+        from hallu.manifest import Run, dir_fingerprint
 
         run = Run(run_dir)
         if run.path.exists():
             views = {v.name: v for v in run.views()}
             if stage in views and views[stage].status == "done":
-                self.skipped.append(label)
-                return
+                recorded = views[stage].record.get("options", {}).get("model_fingerprint")
+                if model is None or recorded == dir_fingerprint(model):
+                    self.skipped.append(label)
+                    return
         self.say(label)
         work()
 
@@ -331,11 +336,13 @@ def evaluate(demo: Demo, label: str, model: Path, where: Path) -> None:
     demo.step(f"eval pope: {label}", where / "pope", "eval-pope",
                lambda: pope.evaluate_model(pope_questions(demo), model, demo.heldout, where / "pope",
                                            "pope-official", False,
-                                           dict(knobs, mode="generate", max_new_tokens=4, answer_suffix="none")))
+                                           dict(knobs, mode="generate", max_new_tokens=4, answer_suffix="none")),
+              model=model)
     demo.step(f"eval chair: {label}", where / "chair", "eval-chair",
                lambda: chair.evaluate_model(model, demo.heldout, demo.data / "annotations", where / "chair", False,
                                             dict(knobs, max_new_tokens=c.caption_tokens), n_images=c.eval_images,
-                                            seed=demo.seed))
+                                            seed=demo.seed),
+              model=model)
 
 
 # --------------------------------------------------------------------------------------------------
