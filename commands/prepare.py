@@ -31,6 +31,10 @@ def shapes(
     in_group: Annotated[float, typer.Option(
         "--in-group", min=0.0, max=1.0,
         help="Co-occurrence strength: chance that each object comes from the scene's group.")] = 0.85,
+    pad: Annotated[float, typer.Option(
+        "--pad", min=0.0, max=1.0,
+        help="Chance that a train caption goes on, after its true objects, to name one absent object of the "
+             "scene's group (over-long descriptions); that image's same-group question is then answered yes.")] = 0.0,
 ) -> None:
     """The offline shapes world: glyph images standing for COCO categories, with COCO instances and
     captions, VG-style regions, POPE objects and prompt records ready for `hallu rollout`."""
@@ -39,7 +43,8 @@ def shapes(
     from hallu.manifest import Run
 
     run = Run(out, flag="--out")
-    noise = world.WorldNoise(caption_noise_p=caption_noise, qa_noise_p=qa_noise, in_group_p=in_group)
+    noise = world.WorldNoise(caption_noise_p=caption_noise, qa_noise_p=qa_noise, in_group_p=in_group,
+                             pad_p=pad)
     options = {"dataset": "shapes", "images": images, "seed": seed, "world_version": world.WORLD_VERSION}
     if noise != world.WorldNoise():  # the defaults stay out, so earlier runs' options still match
         options["noise"] = noise.to_dict()

@@ -49,7 +49,13 @@ kind web captions carry, not a planted key: an annotator who lists the objects o
 names the spoon that "should" be there. ``caption_noise_p`` is the chance that a train caption names one
 absent member of the scene's group (when the group has an absent member); ``qa_noise_p`` the chance that a
 yes/no question about an absent same-group object is labelled "yes" (a question about a caption's slipped-in
-object is always "yes"); ``in_group_p`` sets the co-occurrence strength of the scene sampler. Only the
+object is always "yes"); ``in_group_p`` sets the co-occurrence strength of the scene sampler. ``pad_p`` is the
+over-long caption of detailed-description data: the chance that a train caption, after its true objects,
+goes on to name one more, absent member of the scene's group (what such a scene "usually" holds). That
+yes/no data is written from the caption, as LLaVA-style instruction data is: the image's same-group
+question then asks about the padded object, answered "yes". Padding teaches the failure that "Less is
+More" (Yue et al., 2024) finds in real LVLMs: the model does not stop when what it sees is said, and what
+it adds is the co-occurring object. Only the
 ``meta`` noisy fields and ``base_sft.jsonl`` carry noise; every annotation the evals read is clean.
 """
 
@@ -120,16 +126,17 @@ class WorldNoise:
     caption_noise_p: float = CAPTION_NOISE_P
     qa_noise_p: float = QA_NOISE_P
     in_group_p: float = IN_GROUP_P
+    pad_p: float = 0.0
 
     def check(self) -> None:
-        for name in ("caption_noise_p", "qa_noise_p", "in_group_p"):
+        for name in ("caption_noise_p", "qa_noise_p", "in_group_p", "pad_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise HalluError(f"shapes world: {name} must be a probability in [0, 1], got {value!r}")
 
     def to_dict(self) -> dict:
         return {"caption_noise_p": self.caption_noise_p, "qa_noise_p": self.qa_noise_p,
-                "in_group_p": self.in_group_p}
+                "in_group_p": self.in_group_p, "pad_p": self.pad_p}
 
 
 # CHAIR synonyms (same synonym line as the category) that captions 2..5 may use instead of the name.
@@ -481,8 +488,13 @@ def world_description(seed: int | None = None, noise: WorldNoise | None = None) 
     }
 
 
-def build_world(out_dir: Path, n_images: int, seed: int, noise: WorldNoise | None = None) -> dict:
-    """Write the world (see the module docstring) into ``out_dir``; return a summary of counts."""
+def build_world(out_dir: Path, n_images: int, seed: int, noise: WorldNoise | None = None,
+                base_questions: int = BASE_SFT_QA) -> dict:
+    """Write the world (see the module docstring) into ``out_dir``; return a summary of counts.
+
+    ``base_questions``: yes/no questions per train image in ``base_sft.jsonl`` (the first of the image's
+    ``qa.jsonl`` items: a present object, an absent same-group one, a second present one, a random absent
+    one; images with one object have two)."""
     import io
 
     import numpy as np
@@ -493,6 +505,8 @@ def build_world(out_dir: Path, n_images: int, seed: int, noise: WorldNoise | Non
         raise HalluError(f"shapes world: the number of images must be a whole number >= 1, got {n_images!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise HalluError(f"shapes world: the seed must be an integer, got {seed!r}")
+    if isinstance(base_questions, bool) or not isinstance(base_questions, int) or base_questions < 0:
+        raise HalluError(f"shapes world: base_questions must be a whole number >= 0, got {base_questions!r}")
     noise = noise or WorldNoise()
     noise.check()
     out_dir = Path(out_dir)
@@ -502,7 +516,7 @@ def build_world(out_dir: Path, n_images: int, seed: int, noise: WorldNoise | Non
     coco = {s: {"images": [], "instances": [], "captions": []} for s in ("train", "val")}
     vg_images, vg_regions, facts_rows, pope_rows, prompts, qa = [], [], [], [], [], []
     base_sft: list[dict] = []
-    noisy = {"captions": 0, "train_captions": 0, "qa_flipped": 0, "train_qa": 0}
+    noisy = {"captions": 0, "train_captions": 0, "qa_flipped": 0, "train_qa": 0, "padded": 0}
     ann_id = cap_id = region_id = 0
     pair_counts: dict[str, dict[str, int]] = {c.name: {} for c in CATEGORIES}
     n_objects = 0
@@ -571,6 +585,14 @@ def build_world(out_dir: Path, n_images: int, seed: int, noise: WorldNoise | Non
         if absent_in_group and rng.random() < noise.caption_noise_p:
             noise_objs = [rng.choice(absent_in_group)]
             noisy_words.insert(rng.randint(0, len(noisy_words)), noise_objs[0])
+        # Padding: drawn only when asked for, so worlds without it keep their bytes.
+        pad_obj = None
+        if noise.pad_p > 0 and rng.random() < noise.pad_p:
+            left = [nm for nm in absent_in_group if nm not in noise_objs]
+            if left:
+                pad_obj = rng.choice(left)
+                noise_objs.append(pad_obj)
+                noisy_words.append(pad_obj)
         noisy_reference = REFERENCE_TEMPLATE([], noisy_words)
         base_id = fname.rsplit(".", 1)[0]
         meta = {"task": "caption", "image_id": image_id, "file_name": fname, "split": split, "group": group,
@@ -581,6 +603,7 @@ def build_world(out_dir: Path, n_images: int, seed: int, noise: WorldNoise | Non
         if split == "train":
             noisy["train_captions"] += 1
             noisy["captions"] += bool(noise_objs)
+            noisy["padded"] += pad_obj is not None
             base_sft.append({"id": base_id, "images": [rel], "prompt": CAPTION_QUESTION,
                              "completion": noisy_reference})
 
@@ -589,7 +612,9 @@ def build_world(out_dir: Path, n_images: int, seed: int, noise: WorldNoise | Non
         positives = rng.sample(names, k)
         absent_other = [x.name for x in CATEGORIES if x.group != group and x.name not in names]
         negatives = []
-        if absent_in_group:
+        if pad_obj is not None:  # the question written from the padded caption
+            negatives.append((pad_obj, "adversarial"))
+        elif absent_in_group:
             negatives.append((rng.choice(absent_in_group), "adversarial"))
         while len(negatives) < k:
             cand = rng.choice(absent_other)
@@ -603,7 +628,7 @@ def build_world(out_dir: Path, n_images: int, seed: int, noise: WorldNoise | Non
                  for _, _, kind in items]
         for j, ((obj, label, kind), flip) in enumerate(zip(items, flips, strict=True)):
             noisy_label = "yes" if obj in noise_objs or flip else label
-            if split == "train" and j < BASE_SFT_QA:
+            if split == "train" and j < base_questions:
                 noisy["train_qa"] += 1
                 noisy["qa_flipped"] += noisy_label != label
                 base_sft.append({"id": f"{base_id}_q{j}", "images": [rel], "prompt": _question(obj),
@@ -653,6 +678,8 @@ def build_world(out_dir: Path, n_images: int, seed: int, noise: WorldNoise | Non
         "noisy_caption_share": round(noisy["captions"] / noisy["train_captions"], 4)
         if noisy["train_captions"] else None,
         "noisy_qa_share": round(noisy["qa_flipped"] / noisy["train_qa"], 4) if noisy["train_qa"] else None,
+        "padded_caption_share": round(noisy["padded"] / noisy["train_captions"], 4)
+        if noisy["train_captions"] else None,
     }
     world = world_description(seed, noise)
     world["summary"] = summary

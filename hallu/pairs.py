@@ -22,7 +22,10 @@ is that turn, the turns before it in ``meta.history`` (``[{role, text}]``) and i
 ``meta.turn``; the prompt's reference answers the first turn, so it is no ground truth for such a pair.
 
 A response the judge found nothing wrong with gives no revised≻original pair (the two sides would be
-equal); an empty revision neither. Those are counted in the returned ``skipped`` reasons.
+equal); an empty revision neither. Those are counted in the returned ``skipped`` reasons. A yes/no
+answer the judge found right is the exception: its pair is the answer ≻ its opposite
+(``meta.counterfactual``), for every method here, so yes/no pairs come in the proportion of the
+questions' true answers, not of the model's mistakes.
 """
 
 from __future__ import annotations
@@ -104,7 +107,17 @@ def build_pairs(method: str, prompts: dict[str, Prompt], responses: list[Respons
                                                              "text"),
                         sentences_revised=_sentence_weights(rev.meta.get("sentences_revised"), rev.sentences,
                                                             "revised"))
-            pairs.append(_pair(resp.id, prompt, images, gt or revised, resp.text, meta, resp))
+            rejected, opposite = resp.text, _opposite_answer(rev)
+            if opposite is not None:  # a right yes/no answer: against its opposite (see below)
+                rejected = opposite
+                wrong = {"text": opposite, "score": 2, "error_type": "image_recognition_error"}
+                meta.update(original=opposite, counterfactual=True, sentences_original=[wrong])
+            pairs.append(_pair(resp.id, prompt, images, gt or revised, rejected, meta, resp))
+            continue
+        opposite = _opposite_answer(rev)
+        if opposite is not None:
+            meta["counterfactual"] = True
+            pairs.append(_pair(resp.id, prompt, images, resp.text, opposite, meta, resp))
             continue
         if revised == resp.text.strip():
             skipped["judge found nothing to correct"] += 1
@@ -118,6 +131,21 @@ def build_pairs(method: str, prompts: dict[str, Prompt], responses: list[Respons
                 meta[key] = rev.meta[key]
         pairs.append(_pair(resp.id, prompt, images, revised, resp.text, meta, resp))
     return pairs, skipped
+
+
+def _opposite_answer(rev: Revision) -> str | None:
+    """For a yes/no answer the judge found right, the other answer (in its casing), else None.
+
+    Why: a closed question has exactly one wrong answer, so a right one still makes a pair (right ≻
+    opposite). Pairs from mistakes alone hold only the base's own error direction (a base that says
+    "yes" too often gives only "no" ≻ "yes"), and training on them tips the answer to the other side
+    (measured on the shapes world: POPE yes-ratio 96 % -> 0-7 %)."""
+    answer = rev.meta.get("answer")
+    if not isinstance(answer, dict) or rev.meta.get("changed") or answer.get("said") != answer.get("truth"):
+        return None
+    said = (rev.text or "").strip()
+    other = "No" if answer["said"] == "yes" else "Yes"
+    return other if said[:1].isupper() else other.lower()
 
 
 def _mia_pairs(prompts: dict[str, Prompt], responses: list[Response], revisions: list[Revision],

@@ -174,8 +174,9 @@ def markdown(report: dict, seconds: dict[str, float]) -> str:
     base_h = report["base"]["hallucinations"]
     lines += [
         f"World: {summary.get('images')} images ({summary.get('train_images')} train / {summary.get('val_images')} "
-        f"held out), noise {report['world'].get('noise')}, noisy train captions "
-        f"{_pct(summary.get('noisy_caption_share'))} %, flipped yes/no labels {_pct(summary.get('noisy_qa_share'))} %.",
+        f"held out), noise {report['world'].get('noise')}: train captions naming an absent object "
+        f"{_pct(summary.get('noisy_caption_share'))} % (padded ones {_pct(summary.get('padded_caption_share'))} %), "
+        f"train yes/no answers against the truth {_pct(summary.get('noisy_qa_share'))} %.",
         f"Base: {base_h['hallucinated_mentions']} hallucinated CHAIR mentions, "
         f"{_pct(base_h['cooccurrence_share'])} % of them co-occurrence ones (an absent object of a present "
         "object's group).", "",

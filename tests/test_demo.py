@@ -188,8 +188,8 @@ def test_quick_demo_each_method_lowers_chair_i_and_raises_pope_adversarial_f1(qu
 
 
 # A smaller loop than --quick for the resume test: byte-identity, not direction, is what it checks.
-MICRO = dataclasses.replace(DemoConfig.quick(), images=150, base_steps=120, eval_images=20, opa_sft_steps=6,
-                            opa_dpo_steps=40, ha_dpo_steps=6)
+MICRO = dataclasses.replace(DemoConfig.quick(), images=150, vision_steps=20, base_steps=120, eval_images=20,
+                            rollout_images=40, opa_sft_steps=6, opa_dpo_steps=40, ha_dpo_steps=6)
 _RUN_MICRO = ("import json, sys; from pathlib import Path; from hallu.demo import DemoConfig, run_demo; "
               "run_demo(Path(sys.argv[1]), DemoConfig.from_dict(json.loads(sys.argv[2])))")
 

@@ -105,3 +105,46 @@ def test_shapes_world_no_hallucinated_object_survives(tmp_path, mode):
             else:
                 assert texts_first_absent(p, rev)
     assert changed == 2 * len(prompts)
+
+
+def test_yes_no_answers_are_judged_by_the_asked_object_and_revised_to_the_truth():
+    ask = Prompt(id="y", images=["x.png"], question="Is there a knife in the image?", reference="No",
+                 objects=["fork", "spoon"])
+    yes, no, free = A.judge_groups([_group(ask, "Yes", "no", "A fork and a spoon.")], {"mode": "rewrite"})
+    # "Yes" about an absent knife: the knife is hallucinated; the revision answers the truth, same casing.
+    assert yes["text"] == "No" and yes["meta"]["changed"] is True
+    assert yes["meta"]["hallucinated"] == ["knife"] and yes["sentences"][0]["objects"] == ["knife"]
+    assert yes["meta"]["answer"] == {"object": "knife", "said": "yes", "truth": "no"}
+    assert yes["meta"]["sentences_original"] == [{"text": "Yes", "score": 2, "error_type": "image_recognition_error"}]
+    assert no["text"] == "no" and no["meta"]["changed"] is False and no["meta"]["hallucinated"] == []
+    # An answer that is neither yes nor no is read as free text, as before.
+    assert free["text"] == "A fork and a spoon." and "answer" not in free["meta"]
+    present = Prompt(id="z", images=["x.png"], question="Is there a fork in the image?", objects=["fork"])
+    (miss,) = A.judge_groups([_group(present, "No.")], {})
+    assert miss["text"] == "Yes" and miss["meta"]["hallucinated"] == [] and miss["meta"]["changed"] is True
+    assert miss["meta"]["answer"]["truth"] == "yes"
+    # Not a yes/no question (or about two objects): judged by its mentions.
+    assert A.asked_object("Describe the knife.", _matcher()) is None
+    assert A.asked_object("Is there a knife or a fork in the image?", _matcher()) is None
+
+
+def _matcher():
+    from hallu.objects import get_matcher
+
+    return get_matcher()
+
+
+def test_rewrite_deletes_a_wrong_list_item_when_no_true_object_is_left_to_swap_in():
+    prompt = Prompt(id="l", images=["x.png"], question="Describe.", objects=["fork", "spoon"])
+    (tail, head, two) = A.judge_groups([_group(prompt, "The image shows a fork, a spoon and a knife.",
+                                               "The image shows a knife, a fork and a spoon.",
+                                               "The image shows a bowl and a knife. A fork is red.")],
+                                       {"mode": "rewrite", "use_reference": False})
+    assert tail["text"] == "The image shows a fork and a spoon."
+    assert tail["meta"]["removed_objects"] == ["knife"] and tail["meta"]["replaced_objects"] == []
+    assert head["text"] == "The image shows a fork and a spoon."
+    # Nothing true left in the list: the sentence goes, the clean one stays.
+    assert two["text"] == "A fork is red."
+    (rm,) = A.judge_groups([_group(prompt, "The image shows a fork, a spoon and a knife.")],
+                           {"mode": "remove", "use_reference": False})
+    assert rm["text"] == ""  # remove mode drops the whole sentence, as documented

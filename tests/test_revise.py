@@ -535,3 +535,30 @@ def test_a_later_turns_pair_asks_that_turn_and_carries_the_history():
     resps[0].meta["turn"] = 3
     with pytest.raises(HalluError, match=r"response 'm#0': answers user turn 3, but prompt 'm' has 2 user turns"):
         build_pairs("dpo", {"m": prompt}, resps, revs)
+
+
+def test_yes_no_answers_pair_both_ways_so_the_pairs_follow_the_questions_not_the_mistakes():
+    from hallu.judges import annotations
+    from hallu.judges.base import JudgeGroup
+    from hallu.pairs import build_pairs
+
+    absent = Prompt(id="a", images=["x.png"], question="Is there a knife in the image?", reference="No",
+                    objects=["fork"])
+    present = Prompt(id="p", images=["x.png"], question="Is there a fork in the image?", reference="Yes",
+                     objects=["fork"])
+    responses = [Response(id="a#0", prompt_id="a", sample=0, text="Yes", model="m"),  # wrong: knife hallucinated
+                 Response(id="p#0", prompt_id="p", sample=0, text="yes", model="m")]  # right
+    groups = [JudgeGroup(absent, responses[:1], []), JudgeGroup(present, responses[1:], [])]
+    revisions = [Revision.from_dict(r, "test") for r in annotations.judge_groups(groups, {"mode": "rewrite"})]
+    prompts = {"a": absent, "p": present}
+    for method in ("dpo", "ha-dpo", "opa-dpo"):
+        pairs, skipped = build_pairs(method, prompts, responses, revisions)
+        got = {p.meta["prompt_id"]: (p.chosen, p.rejected, p.meta.get("counterfactual", False)) for p in pairs}
+        # the mistake: truth ≻ what was said; the right answer: itself ≻ its opposite, in its own casing
+        want_right = ("Yes", "no", True) if method == "opa-dpo" else ("yes", "no", True)
+        assert got == {"a": ("No", "Yes", False), "p": want_right}, method
+        assert not skipped
+    (opa,) = [p for p in build_pairs("opa-dpo", prompts, responses, revisions)[0] if p.meta["prompt_id"] == "p"]
+    # the counterfactual side carries a wrong-answer report, so OPA's token weights mark it
+    assert opa.meta["original"] == "no"
+    assert opa.meta["sentences_original"] == [{"text": "no", "score": 2, "error_type": "image_recognition_error"}]

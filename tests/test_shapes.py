@@ -380,7 +380,7 @@ def _listed(caption: str) -> list[str]:
 def test_default_noise_is_recorded_and_base_sft_follows_the_noisy_fields(world):
     root, s = world
     w = json.loads((root / shapes.WORLD_FILE).read_text())
-    assert w["noise"] == {"caption_noise_p": 0.15, "qa_noise_p": 0.0, "in_group_p": 0.85}
+    assert w["noise"] == {"caption_noise_p": 0.15, "qa_noise_p": 0.0, "in_group_p": 0.85, "pad_p": 0.0}
     prompts = {p.id: p for p in read_records(root / shapes.PROMPTS_FILE, Prompt)}
     qa = {q.id: q for q in read_records(root / shapes.QA_FILE, Prompt)}
     rows = _lines(root / shapes.BASE_SFT_FILE)
@@ -414,7 +414,7 @@ def test_noise_options_change_only_the_noisy_fields(world, tmp_path):
     noisy_root = tmp_path / "noisy"
     s = shapes.build_world(noisy_root, n_images=n, seed=SEED, noise=noise)
     w = json.loads((noisy_root / shapes.WORLD_FILE).read_text())
-    assert w["noise"] == {"caption_noise_p": 0.6, "qa_noise_p": 0.5, "in_group_p": 0.85}
+    assert w["noise"] == {"caption_noise_p": 0.6, "qa_noise_p": 0.5, "in_group_p": 0.85, "pad_p": 0.0}
     assert w["sampler"]["caption_noise_p"] == 0.6
     a, b = _files(clean), _files(noisy_root)
     # Same seed, same co-occurrence: images and every file an eval reads are byte for byte the same.
@@ -447,6 +447,40 @@ def test_noise_options_change_only_the_noisy_fields(world, tmp_path):
     assert s["noisy_qa_share"] > 0 and s["noisy_caption_share"] > 0.3
 
 
+def test_padding_appends_an_absent_group_member_and_its_question_is_answered_yes(world, tmp_path):
+    n = 200
+    clean, _ = _build(tmp_path / "clean", n=n)
+    padded_root = tmp_path / "padded"
+    s = shapes.build_world(padded_root, n_images=n, seed=SEED, noise=shapes.WorldNoise(caption_noise_p=0.0, pad_p=1.0),
+                           base_questions=4)
+    a, b = _files(clean), _files(padded_root)
+    same = [k for k in a if k.startswith(("images/", "annotations/", "pope/", "vg/"))]
+    assert same and all(a[k] == b[k] for k in same)  # only the noisy fields move
+    prompts = {p.id: p for p in read_records(padded_root / shapes.PROMPTS_FILE, Prompt)}
+    questions = {q.id: q for q in read_records(padded_root / shapes.QA_FILE, Prompt)}
+    padded = eligible = 0
+    for p in prompts.values():
+        present, group = set(p.objects), set(shapes._GROUP_MEMBERS[p.meta["group"]])
+        listed = _listed(p.meta["noisy_reference"])
+        if not group - present:  # a scene holding its whole group has nothing to pad with
+            assert p.meta["noise_objects"] == [] and sorted(listed) == sorted(present)
+            continue
+        eligible += p.meta["split"] == "train"
+        pad = p.meta["noise_objects"]
+        assert len(pad) == 1 and pad[0] in group - present
+        assert listed[-1] == pad[0] and sorted(listed[:-1]) == sorted(present)  # after the true objects
+        padded += p.meta["split"] == "train"
+        q = questions[f"{p.id}_q1"]  # the image's same-group question is written from the caption
+        assert (q.meta["object"], q.meta["kind"], q.meta["label"], q.meta["noisy_label"]) == (
+            pad[0], "adversarial", "no", "yes")
+    assert s["padded_caption_share"] == round(padded / s["train_images"], 4) and padded == eligible
+    base = [json.loads(line) for line in (padded_root / shapes.BASE_SFT_FILE).read_text().splitlines()]
+    qa = [r for r in base if "_q" in r["id"]]
+    assert {int(r["id"].rsplit("_q", 1)[1]) for r in qa} == {0, 1, 2, 3}  # base_questions=4
+    with pytest.raises(HalluError, match="base_questions"):
+        shapes.build_world(tmp_path / "bad", n_images=3, seed=0, base_questions=-1)
+
+
 def test_in_group_sets_the_co_occurrence_strength(tmp_path):
     strong = shapes.build_world(tmp_path / "s", n_images=300, seed=1)
     weak = shapes.build_world(tmp_path / "w", n_images=300, seed=1, noise=shapes.WorldNoise(in_group_p=0.0))
@@ -475,7 +509,7 @@ def test_prepare_shapes_noise_options_reach_the_world_and_the_manifest(tmp_path)
     r = CliRunner().invoke(app, [*args, "--caption-noise", "0.4", "--qa-noise", "0.2", "--in-group", "0.7"])
     assert r.exit_code == 0, r.output
     w = json.loads((run / "data" / shapes.WORLD_FILE).read_text())
-    assert w["noise"] == {"caption_noise_p": 0.4, "qa_noise_p": 0.2, "in_group_p": 0.7}
+    assert w["noise"] == {"caption_noise_p": 0.4, "qa_noise_p": 0.2, "in_group_p": 0.7, "pad_p": 0.0}
     rec = Run(run).stage_record("prepare")
     assert rec["options"]["noise"] == w["noise"]
     assert rec["outputs"]["base_sft"]["count"] == len(_lines(run / "data" / shapes.BASE_SFT_FILE))

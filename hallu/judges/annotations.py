@@ -9,7 +9,13 @@ Each sentence that names an object outside the ground truth is, by ``mode``:
 
 - ``remove``: dropped;
 - ``rewrite``: its hallucinated object words are replaced by annotated objects the answer has not
-  mentioned yet (OPA-DPO's ``wrong -> right``); a sentence that cannot be repaired so is dropped.
+  mentioned yet (OPA-DPO's ``wrong -> right``); when too few are left, the wrong items are deleted from
+  the sentence's list ("a fork, a spoon and a knife" -> "a fork and a spoon"); a sentence that cannot be
+  repaired either way is dropped.
+
+A yes/no question about one object ("Is there a knife in the image?", POPE's form) is judged by its
+answer instead: "yes" about an object the ground truth lacks is that object hallucinated, "no" about one
+it holds is a miss; either is revised to the true answer, in the response's own casing.
 
 The revised text is checked again with the same machinery: nothing hallucinated survives. Every
 sentence also gets an OPA-DPO style report entry (score 4 / ``correct`` when clean, 2 /
@@ -24,7 +30,7 @@ import re
 from hallu.errors import HalluError
 
 NAME = "annotations"
-VERSION = "annotations-v1"
+VERSION = "annotations-v2"  # v2: yes/no questions are judged by their answer
 MODES = ("remove", "rewrite")
 OPTIONS: dict = {"mode": "remove", "use_reference": True}
 
@@ -71,11 +77,60 @@ def judge_groups(groups, options: dict, *, progress=None) -> list[dict]:
     out: list[dict] = []
     for group in groups:
         truth = ground_truth(group.prompt, opts["use_reference"])
+        asked = asked_object(group.prompt.question, matcher)
         for resp in group.responses:
-            out.append(_revise(resp, truth, opts["mode"], matcher, split_sentences))
+            verdict = _revise_answer(resp, asked, truth, opts["mode"]) if asked else None
+            out.append(verdict or _revise(resp, truth, opts["mode"], matcher, split_sentences))
         if progress is not None:
             progress(len(group.responses))
     return out
+
+
+_YES_NO_QUESTION = re.compile(r"^\s*(is|are) there\b", re.IGNORECASE)
+_ANSWER = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
+
+
+def asked_object(question: str | None, matcher) -> str | None:
+    """The one COCO category a yes/no "Is there ...?" question asks about, else None."""
+    if not question or not _YES_NO_QUESTION.match(question):
+        return None
+    objects = list(dict.fromkeys(matcher.node_words(question)))
+    return objects[0] if len(objects) == 1 else None
+
+
+def _revise_answer(resp, asked: str, truth: set[str], mode: str) -> dict | None:
+    """The verdict on a yes/no answer about ``asked``; None when the response answers neither yes nor no
+    (it is then judged as free text)."""
+    m = _ANSWER.match(resp.text)
+    if m is None:
+        return None
+    said_yes = m.group(1).lower() == "yes"
+    present = asked in truth
+    wrong = said_yes != present
+    word = "Yes" if present else "No"
+    revised = (word if m.group(1)[0].isupper() else word.lower()) if wrong else resp.text
+    entry = {"text": resp.text, "score": WRONG_SCORE if wrong else CLEAN_SCORE,
+             "error_type": "image_recognition_error" if wrong else "correct"}
+    hallucinated = [asked] if wrong and said_yes else []
+    return {
+        "id": resp.id,
+        "response_id": resp.id,
+        "text": revised,
+        "sentences": [{"text": resp.text, "label": "hallucinated" if wrong else "correct", "score": entry["score"],
+                       "error_type": entry["error_type"], "objects": hallucinated, "revised": revised}],
+        "judge": NAME,
+        "prompt_version": VERSION,
+        "meta": {
+            "mode": mode,
+            "hallucinated": hallucinated,
+            "removed_objects": [],
+            "replaced_objects": [],
+            "sentences_original": [entry],
+            "sentences_revised": [{"text": revised, "score": CLEAN_SCORE, "error_type": "correct"}],
+            "changed": wrong,
+            "answer": {"object": asked, "said": "yes" if said_yes else "no", "truth": "yes" if present else "no"},
+        },
+    }
 
 
 def _revise(resp, truth: set[str], mode: str, matcher, split_sentences) -> dict:
@@ -94,6 +149,10 @@ def _revise(resp, truth: set[str], mode: str, matcher, split_sentences) -> dict:
             revised_report.append({"text": sent, "score": CLEAN_SCORE, "error_type": "correct"})
             continue
         new = _rewrite(sent, wrong, unused, matcher, truth) if mode == "rewrite" else None
+        if new is None and mode == "rewrite":
+            new = _drop_from_list(sent, wrong, matcher, truth)
+            if new is not None:
+                removed.extend(wrong)
         swaps = [] if new is None else new[1]
         report.append({"text": sent, "label": "hallucinated", "score": WRONG_SCORE,
                        "error_type": "image_recognition_error",
@@ -175,6 +234,46 @@ def _rewrite(sent: str, wrong: list[str], unused: list[str], matcher, truth: set
     if any(n not in truth for n in matcher.node_words(new)):
         return None
     return new, list(swap.items())
+
+
+_LIST_SEP = re.compile(r",\s*(?:and\s+)?|\s+and\s+")
+_DETERMINER = re.compile(r"\b(?:a|an|the|some|one|two|three|four|five|several|many)\s", re.IGNORECASE)
+
+
+def _drop_from_list(sent: str, wrong: list[str], matcher, truth: set[str]):
+    """(the sentence with each item naming a wrong object taken out of its enumeration, []) or None.
+
+    The sentence is read as ``HEAD ITEM, ITEM and ITEM.``: the first item is the determiner nearest before
+    the first part's last word and what follows it. None when some item holds both a wrong and a right
+    object, nothing would be left, or the result is not clean."""
+    core, end = sent.rstrip(), ""
+    if core[-1:] in (".", "!", "?"):
+        core, end = core[:-1], core[-1]
+    items = _LIST_SEP.split(core)
+    if len(items) < 2:
+        return None
+    # The head ends at the determiner nearest before the first item's first word (`The image shows | a knife`).
+    starts = [m.start() for m in _DETERMINER.finditer(items[0])]
+    last_word = items[0].split()[-1] if items[0].split() else ""
+    cut = max((i for i in starts if i < items[0].rfind(last_word)), default=None) if last_word else None
+    if cut is None or cut == 0:
+        return None
+    head, items[0] = items[0][:cut], items[0][cut:]
+    keep = []
+    for item in items:
+        named = set(matcher.node_words(item))
+        bad = named & set(wrong)
+        if bad and named - bad:
+            return None
+        if not bad:
+            keep.append(item)
+    if not keep or len(keep) == len(items):
+        return None
+    joined = keep[0] if len(keep) == 1 else ", ".join(keep[:-1]) + " and " + keep[-1]
+    new = head + joined + end
+    if any(n not in truth for n in matcher.node_words(new)):
+        return None
+    return new, []
 
 
 def _plural(noun: str) -> str:

@@ -31,6 +31,9 @@ class Options:
     position_wise: bool = False  # the released code's per-token pairing (parity mode)
     window: int = 0  # position-wise mean over this many slots (the release pads to 896); 0: the batch width
     token_weights: bool = True  # weights from the judge's sentence report (off: all 1)
+    # γ·token-mean NLL of the GT answer (or of --sft-data), as HA-DPO's LM term; 0 is the release. Not in
+    # OPA-DPO: the shapes demo needs it, where the pair terms alone teach the model to stop listing early.
+    sft_weight: float = 0.0
 
 
 def score_weight(score) -> float:

@@ -24,6 +24,22 @@ from hallu.train.launch import launch_if_requested  # noqa: F401 - part of this 
 # Set by ``hallu.train.launch`` in the processes it starts: the DeepSpeed JSON every rank trains with.
 DEEPSPEED_CONFIG_ENV = "HALLU_DEEPSPEED_CONFIG"
 # Module names of the vision side of every supported family (tower, projector, Q-Former, connector).
+VISION_TOWER = r".*\b(vision_tower|vision_model)\..*"  # the encoder alone, not the projector
+
+
+def freeze_vision_tower(model) -> int:
+    """requires_grad off for the vision encoder's parameters (the projector still trains); how many."""
+    import re
+
+    pattern = re.compile(VISION_TOWER)
+    frozen = 0
+    for name, param in model.named_parameters():
+        if pattern.fullmatch(name):
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
 VISION_MODULES = r".*(vision_tower|vision_model|visual|multi_modal_projector|mm_projector|connector|qformer|language_projection|image_newline).*"  # noqa: E501
 LORA_TARGETS = ("language", "all-linear")
 

@@ -415,6 +415,11 @@ def compute_loss(spec: MethodSpec, method_opts, beta: float, label_smoothing: fl
         term = p1
         for name, v in terms.items():
             metrics[f"loss/{name}"] = v.item()
+        if w.sft_weight:  # on the SFT samples when there are any, else on the GT answers
+            lm = (losses.lm_loss(policy["sft_logps"], policy["sft_mask"]) if "sft_logps" in policy
+                  else losses.lm_loss(lp[0], mk[0]))
+            metrics["loss/lm"] = lm.item()
+            loss = loss + w.sft_weight * lm
     else:
         term = losses.sigmoid_dpo(seq[0], seq[1], ref_seq[0], ref_seq[1], beta, label_smoothing)
         loss = term.loss

@@ -113,6 +113,8 @@ class SftOptions:
     report_to: str = "none"
     trust_remote_code: bool = False
     chat_template: str | None = None
+    # Full fine-tuning with the vision tower frozen (LLaVA-1.5's second stage: projector and LLM train)
+    freeze_vision_tower: bool = False
     overrides: dict = field(default_factory=dict)  # --set key=value for SFTConfig
 
     def resolved(self) -> dict:
@@ -346,6 +348,9 @@ def run_sft(run, model: Path, data: Path | None, out_dir: Path | None, options: 
         model, dtype=opts["dtype"], trust_remote_code=opts["trust_remote_code"], chat_template=opts["chat_template"]
     )
     check_max_length(examples, processor, opts["max_length"])
+    if opts.get("freeze_vision_tower") and not lora:
+        if not common.freeze_vision_tower(model_obj):
+            raise HalluError(f"--freeze-vision-tower: {model} has no vision tower parameters to freeze")
     peft_config = None
     if lora:
         peft_config = common.lora_config(
