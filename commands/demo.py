@@ -17,7 +17,8 @@ from hallu.commands._common import err_console, note, out_console
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo (a rerun resumes it).")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="Seed for the world, the model, training and sampling.")] = 0,
-    quick: Annotated[bool, typer.Option("--quick", help="A small world and few steps (the test suite's variant).")]
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="120 DPO steps instead of 200 (the test suite's variant, ~11 min).")]
     = False,
     images: Annotated[int | None, typer.Option("--images", min=30, help="Images in the shapes world "
                                                 "(default: the config's).")] = None,

@@ -114,9 +114,12 @@ class DemoConfig:
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        """A small world and few steps: the integration test's variant (direction, not size, of changes)."""
-        return cls(images=4000, vision_steps=600, base_steps=1500, eval_images=100, rollout_images=300,
-                   opa_dpo_steps=120, ha_dpo_steps=120)
+        """The integration test's variant: the same world and base, 120 instead of 200 DPO steps (measured,
+        seed 0: CHAIR_i -62 % / -66 %, POPE-adversarial F1 +3.4 / +4.4 for OPA-DPO / HA-DPO; ~11 min).
+
+        Why not smaller: on a 4,000-image world with a 1,500-step base the tower saw too few images to
+        ground its yes/no answers, and POPE-adversarial F1 fell (-1.4) or stood still (+0.5) after DPO."""
+        return cls(opa_dpo_steps=120, ha_dpo_steps=120)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples become lists, as demo.json holds them

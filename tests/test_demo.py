@@ -171,8 +171,6 @@ def test_quick_demo_report_shape(quick_demo):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known: the demo's current recipe does not yet lower CHAIR_i and raise "
-                   "POPE-adversarial F1 on --quick (measured, see README 'The demo'); drop this mark when it does")
 def test_quick_demo_each_method_lowers_chair_i_and_raises_pope_adversarial_f1(quick_demo):
     out, _ = quick_demo
     rep = json.loads((out / "report.json").read_text())
