@@ -58,3 +58,20 @@ def test_mismatched_labels_are_refused(setup):
     root, images, labels = setup
     with pytest.raises(HalluError, match="label sets"):
         pretrain_vision_tower(root / "init", root / "c", images, labels[:-1], steps=1)
+
+
+def test_freezing_the_tower_leaves_the_projector_and_language_model_training(setup):
+    from transformers import AutoModelForImageTextToText
+
+    from hallu.train import common, dpo
+
+    root, _, _ = setup
+    model = AutoModelForImageTextToText.from_pretrained(root / "init")
+    n = common.freeze_vision_tower(model)
+    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+    assert n == len(frozen) > 0 and all("vision_tower" in k for k in frozen)
+    assert any("multi_modal_projector" in k for k, p in model.named_parameters() if p.requires_grad)
+    # the DPO freeze (language-model-only methods) takes the projector as well
+    model = AutoModelForImageTextToText.from_pretrained(root / "init")
+    assert dpo.freeze_vision(model) > n
+    assert not any(p.requires_grad for k, p in model.named_parameters() if "multi_modal_projector" in k)

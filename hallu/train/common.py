@@ -27,17 +27,22 @@ DEEPSPEED_CONFIG_ENV = "HALLU_DEEPSPEED_CONFIG"
 VISION_TOWER = r".*\b(vision_tower|vision_model)\..*"  # the encoder alone, not the projector
 
 
-def freeze_vision_tower(model) -> int:
-    """requires_grad off for the vision encoder's parameters (the projector still trains); how many."""
+def freeze_matching(model, pattern: str) -> int:
+    """requires_grad off for every parameter whose full name matches ``pattern``; how many."""
     import re
 
-    pattern = re.compile(VISION_TOWER)
+    compiled = re.compile(pattern)
     frozen = 0
     for name, param in model.named_parameters():
-        if pattern.fullmatch(name):
+        if compiled.fullmatch(name):
             param.requires_grad_(False)
             frozen += 1
     return frozen
+
+
+def freeze_vision_tower(model) -> int:
+    """The vision encoder frozen, the projector still training (LLaVA-1.5's second stage)."""
+    return freeze_matching(model, VISION_TOWER)
 
 
 VISION_MODULES = r".*(vision_tower|vision_model|visual|multi_modal_projector|mm_projector|connector|qformer|language_projection|image_newline).*"  # noqa: E501

@@ -770,17 +770,9 @@ def _deferred_reference(trainer, processor, examples, spec, method_opts, job, ba
 
 def freeze_vision(model) -> int:
     """requires_grad off for the vision tower and projector (methods that train the language model only)."""
-    import re
+    from hallu.train.common import VISION_MODULES, freeze_matching
 
-    from hallu.train.common import VISION_MODULES
-
-    pattern = re.compile(VISION_MODULES)
-    frozen = 0
-    for name, param in model.named_parameters():
-        if pattern.fullmatch(name):
-            param.requires_grad_(False)
-            frozen += 1
-    return frozen
+    return freeze_matching(model, VISION_MODULES)
 
 
 def _stage_state(run, name: str) -> str | None:
